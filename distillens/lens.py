@@ -1,0 +1,325 @@
+"""The logit lens: read any layer's residual stream in vocabulary space, and the memory-efficient lens loss.
+
+``LogitLens(model)`` finds, from transformers' own module structure, what a causal LM applies between its last block
+and its logits: the final norm, an output projection if any (OPT's ``project_out``), the unembedding, and the
+post-processing its config asks for (final-logit softcapping, logit scale). ``lens.logits(h_L)`` therefore equals the
+model's logits, and ``lens.logits(h_i)`` is the logit lens of layer i.
+
+``lens_loss`` compares teacher and student lens distributions layer pair by layer pair. It never materialises
+(k, B, T, V) logits as the published code does: it gathers the supervised positions, projects them chunk by chunk,
+and computes each chunk's gradient while the chunk is live, so peak memory holds one chunk of vocabulary-sized rows per
+model whatever the number of pairs, the batch or the sequence length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from distillens.losses import TokenDivergence, get_token_divergence
+
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
+"""Attribute names a decoder gives its final norm, preferred in this order over any other norm child."""
+
+
+class LogitLens:
+    """Final norm + unembedding (+ the family's post-processing) of one causal LM, and capture of its layers.
+
+    Not an ``nn.Module`` on purpose: it only *refers* to modules the model already owns, so holding a lens never
+    duplicates parameters in a state dict or an optimizer.
+
+    Args:
+        model: a Hugging Face decoder-only causal LM (``AutoModelForCausalLM``).
+        apply_final_norm: False reproduces the published code's lens, ``lm_head(h_i)`` on the raw residual stream.
+    """
+
+    def __init__(self, model: nn.Module, *, apply_final_norm: bool = True) -> None:
+        self.model = model
+        self.apply_final_norm = apply_final_norm
+        decoder = _decoder_of(model)
+        self.blocks = _blocks_of(model, decoder)
+        self.norm = _final_norm_of(decoder, self.blocks)
+        self.output_projection = getattr(
+            decoder, "project_out", None
+        )  # OPT with word_embed_proj_dim != hidden
+        self.unembedding = model.get_output_embeddings()
+        if self.unembedding is None:
+            raise ValueError(
+                f"{type(model).__name__}: no output embeddings (get_output_embeddings() returned None)"
+            )
+        config = model.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(z / cap)
+        self.logit_scale = getattr(config, "logit_scale", None)  # Cohere: z * scale
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder blocks L; valid capture indices are 0 (embeddings) to L."""
+        return len(self.blocks)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters the lens computation uses (norm, output projection, unembedding), each once."""
+        seen: set[int] = set()
+        for module in (self.norm, self.output_projection, self.unembedding):
+            for param in module.parameters() if module is not None else ():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield param
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """U(norm(h)) plus the family's post-processing; ``hidden`` (..., d) raw residual stream -> (..., V)."""
+        if self.apply_final_norm and self.norm is not None:
+            hidden = self.norm(hidden)  # (..., d)
+        if self.output_projection is not None:
+            hidden = self.output_projection(hidden)  # (..., d_out)
+        logits = self.unembedding(hidden)  # (..., V)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def check_layers(self, layers: Sequence[int]) -> None:
+        """Raise a clear error for any index outside 0..L."""
+        bad = [i for i in layers if not 0 <= int(i) <= self.num_layers]
+        if bad:
+            raise ValueError(
+                f"layer indices {bad} out of range for {type(self.model).__name__} with {self.num_layers} blocks "
+                f"(valid: 0 = embeddings .. {self.num_layers} = last block)"
+            )
+
+    @contextlib.contextmanager
+    def capture(self, layers: Sequence[int]) -> Iterator[dict[int, Tensor]]:
+        """Capture the raw residual streams of ``layers`` (hidden_states indexing) during forwards in the block.
+
+        Yields a dict filled as the forward runs: index -> (B, T, d) tensor, before any final norm. Only the listed
+        layers are kept, and the hooks are removed on exit, also after an exception.
+        """
+        self.check_layers(layers)
+        captured: dict[int, Tensor] = {}
+        handles = []
+        try:
+            for index in sorted(set(int(i) for i in layers)):
+                handles.append(self._hook(index, captured))
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, index: int, captured: dict[int, Tensor]):
+        if index == 0:  # the embeddings: the input of the first block
+
+            def before_first(_module, args, kwargs):
+                captured[0] = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
+
+            return self.blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)
+
+        def after_block(_module, _args, output):
+            captured[index] = output[0] if isinstance(output, tuple) else output  # (B, T, d)
+
+        return self.blocks[index - 1].register_forward_hook(after_block)
+
+
+def _decoder_of(model: nn.Module) -> nn.Module:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None:
+        raise ValueError(
+            f"{type(model).__name__} is not a decoder-only causal LM: get_decoder() found no decoder"
+        )
+    return decoder
+
+
+def _blocks_of(model: nn.Module, decoder: nn.Module) -> nn.ModuleList:
+    """The decoder's ModuleList of blocks: the direct child whose length is the configured depth."""
+    depth = getattr(model.config, "num_hidden_layers", None)
+    for child in decoder.children():
+        if isinstance(child, nn.ModuleList) and len(child) == depth:
+            return child
+    raise ValueError(
+        f"{type(model).__name__}: no list of {depth} decoder blocks among the children of {type(decoder).__name__}"
+    )
+
+
+def _final_norm_of(decoder: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
+    """The decoder's own norm applied after the last block (None for families without one, e.g. post-LN OPT)."""
+    norms = {
+        name: child
+        for name, child in decoder.named_children()
+        if child is not blocks and "norm" in type(child).__name__.lower()
+    }
+    for name in FINAL_NORM_NAMES:
+        if name in norms:
+            return norms[name]
+    if len(norms) == 1:
+        return next(iter(norms.values()))
+    if any(name in FINAL_NORM_NAMES for name, _ in decoder.named_children()):
+        return None  # the attribute exists but is None: the family applies no final norm
+    raise ValueError(
+        f"{type(decoder).__name__}: cannot tell the final norm among {sorted(norms) or 'no children'}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The lens loss
+
+
+def lens_loss(
+    student_hidden: Sequence[Tensor],
+    teacher_hidden: Sequence[Tensor],
+    student_lens: LogitLens,
+    teacher_lens: LogitLens,
+    mask: Tensor,
+    divergence: str = "jsd",
+    chunk_size: int = 1024,
+    **params: float,
+) -> tuple[Tensor, Tensor]:
+    """Mean over layer pairs of the masked token mean of the divergence between lens distributions.
+
+    Args:
+        student_hidden: k tensors (B, T, d_s), aligned by pair with ``teacher_hidden`` (k tensors (B, T, d_t)).
+        student_lens, teacher_lens: the two models' lenses.
+        mask: (B, T), truthy where a token is supervised.
+        divergence: a registered divergence name (losses.TOKEN_DIVERGENCES).
+        chunk_size: rows projected at once; bounds peak memory at about chunk_size x V per model.
+        **params: the divergence's parameters (``temperature``, ``beta``, ...).
+
+    Returns:
+        (loss, per_pair): the scalar loss with its gradient path, and the k per-pair values (detached) for logging.
+    """
+    if len(student_hidden) != len(teacher_hidden) or not student_hidden:
+        raise ValueError(
+            f"need the same non-zero number of student and teacher layers, got {len(student_hidden)} and "
+            f"{len(teacher_hidden)}"
+        )
+    token_fn = get_token_divergence(divergence)
+    keep = mask.reshape(-1).bool()  # (B*T,)
+    count = int(keep.sum())
+    pairs = len(student_hidden)
+    student_rows = torch.cat([h.reshape(-1, h.shape[-1])[keep] for h in student_hidden])  # (k*N, d_s)
+    if not torch.is_grad_enabled():
+        student_rows = student_rows.detach()
+    teacher_rows = torch.cat([h.reshape(-1, h.shape[-1])[keep] for h in teacher_hidden])  # (k*N, d_t)
+    weights = torch.full((pairs * count,), 1.0 / max(count, 1) / pairs, device=mask.device)  # (k*N,)
+    tracking = torch.is_grad_enabled()  # under no_grad (validation) no gradient is computed chunk by chunk
+    student_params = [p for p in student_lens.parameters() if p.requires_grad] if tracking else []
+    loss, per_row = _ChunkedLensDivergence.apply(
+        student_lens,
+        teacher_lens,
+        token_fn,
+        params,
+        chunk_size,
+        weights,
+        student_rows,
+        teacher_rows,
+        *student_params,
+    )
+    per_pair = per_row.reshape(pairs, count).sum(-1) / max(count, 1)  # (k,)
+    return loss, per_pair
+
+
+def project_divergence(
+    student_rows: Tensor,
+    teacher_rows: Tensor,
+    student_lens: LogitLens,
+    teacher_lens: LogitLens,
+    token_fn: TokenDivergence,
+    params: dict,
+) -> Tensor:
+    """Per-row divergence of the two lens distributions of one chunk: (n, d_s), (n, d_t) -> (n,)."""
+    with torch.no_grad():
+        teacher_logits = teacher_lens.logits(teacher_rows)  # (n, V)
+    student_logits = student_lens.logits(student_rows)  # (n, V)
+    return token_fn(student_logits, teacher_logits, **params)  # (n,)
+
+
+class _ChunkedLensDivergence(torch.autograd.Function):
+    """Weighted sum of per-row lens divergences, with gradients computed chunk by chunk during the forward.
+
+    Computing each chunk's gradient while its logits are alive (instead of saving them, or recomputing them in
+    backward as activation checkpointing would) keeps one chunk of (n, V) rows in memory per model and projects every
+    row exactly once. The backward only scales the stored gradients by the incoming scalar.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_lens,
+        teacher_lens,
+        token_fn,
+        params,
+        chunk_size,
+        weights,
+        student_rows,
+        teacher_rows,
+        *student_params,
+    ):
+        needs_grad = [student_rows.requires_grad] + [p.requires_grad for p in student_params]
+        track = any(needs_grad)
+        inputs = [student_rows, *student_params]
+        grads = [torch.zeros_like(t) if need else None for t, need in zip(inputs, needs_grad, strict=True)]
+        per_row = torch.empty(student_rows.shape[0], device=student_rows.device)  # (k*N,)
+        for start in range(0, student_rows.shape[0], chunk_size):
+            stop = start + chunk_size
+            rows = student_rows[start:stop].detach().requires_grad_(needs_grad[0])  # (n, d_s)
+            with torch.enable_grad() if track else contextlib.nullcontext():
+                values = project_divergence(
+                    rows, teacher_rows[start:stop], student_lens, teacher_lens, token_fn, params
+                )
+                weighted = (values * weights[start:stop]).sum()
+            per_row[start:stop] = values.detach()
+            wanted = [t for t, need in zip([rows, *student_params], needs_grad, strict=True) if need]
+            if wanted and weighted.requires_grad:
+                _accumulate(
+                    grads, needs_grad, torch.autograd.grad(weighted, wanted, allow_unused=True), start, stop
+                )
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        ctx.needs_grad = needs_grad
+        loss = (per_row * weights).sum()
+        ctx.mark_non_differentiable(per_row)
+        return loss, per_row
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_row):
+        stored = iter(ctx.saved_tensors)
+        grads = [next(stored) * grad_loss if need else None for need in ctx.needs_grad]
+        return (None, None, None, None, None, None, grads[0], None, *grads[1:])
+
+
+def _accumulate(grads: list, needs_grad: list[bool], chunk_grads: Sequence, start: int, stop: int) -> None:
+    """Add one chunk's gradients: rows into their slice of the row gradient, parameters into the running sum."""
+    chunk_grads = iter(chunk_grads)
+    for position, need in enumerate(needs_grad):
+        if not need:
+            continue
+        grad = next(chunk_grads)
+        if grad is None:
+            continue
+        if position == 0:
+            grads[0][start:stop] += grad
+        else:
+            grads[position] += grad
+
+
+def naive_lens_loss(
+    student_hidden: Sequence[Tensor],
+    teacher_hidden: Sequence[Tensor],
+    student_lens: LogitLens,
+    teacher_lens: LogitLens,
+    mask: Tensor,
+    divergence: str = "jsd",
+    **params: float,
+) -> tuple[Tensor, Tensor]:
+    """The published code's computation, for tests and the benchmark: project every position of every pair at once.
+
+    Materialises (k, B, T, V) logits for both models; same result as ``lens_loss``.
+    """
+    token_fn = get_token_divergence(divergence)
+    student_logits = student_lens.logits(torch.stack(list(student_hidden)))  # (k, B, T, V)
+    with torch.no_grad():
+        teacher_logits = teacher_lens.logits(torch.stack(list(teacher_hidden)))  # (k, B, T, V)
+    per_token = token_fn(student_logits, teacher_logits, **params)  # (k, B, T)
+    keep = mask.bool().expand_as(per_token)  # (k, B, T), the same mask for every pair
+    per_pair = torch.where(keep, per_token, 0).sum((1, 2)) / keep[0].sum().clamp_min(1)  # (k,)
+    return per_pair.mean(), per_pair.detach()
