@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from distillens.losses import TokenDivergence, get_token_divergence
+from distillens.losses import TOKEN_GRADIENTS, get_token_divergence
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
 """Attribute names a decoder gives its final norm, preferred in this order over any other norm child."""
@@ -53,6 +53,23 @@ class LogitLens:
         config = model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(z / cap)
         self.logit_scale = getattr(config, "logit_scale", None)  # Cohere: z * scale
+
+    @classmethod
+    def from_parts(
+        cls,
+        norm: nn.Module | None,
+        unembedding: nn.Module,
+        *,
+        output_projection: nn.Module | None = None,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+    ) -> LogitLens:
+        """A lens from bare modules, without a model to capture from (benchmarks, synthetic workloads)."""
+        lens = cls.__new__(cls)
+        lens.model, lens.apply_final_norm, lens.blocks = None, True, nn.ModuleList()
+        lens.norm, lens.output_projection, lens.unembedding = norm, output_projection, unembedding
+        lens.softcap, lens.logit_scale = softcap, logit_scale
+        return lens
 
     @property
     def num_layers(self) -> int:
@@ -173,6 +190,7 @@ def lens_loss(
     mask: Tensor,
     divergence: str = "jsd",
     chunk_size: int = 1024,
+    reduction: str = "mean",
     **params: float,
 ) -> tuple[Tensor, Tensor]:
     """Mean over layer pairs of the masked token mean of the divergence between lens distributions.
@@ -183,55 +201,74 @@ def lens_loss(
         mask: (B, T), truthy where a token is supervised.
         divergence: a registered divergence name (losses.TOKEN_DIVERGENCES).
         chunk_size: rows projected at once; bounds peak memory at about chunk_size x V per model.
+        reduction: "mean" averages over supervised tokens; "sum" returns the token sum (still averaged over pairs),
+            for callers that normalise by a token count gathered across micro-batches and ranks.
         **params: the divergence's parameters (``temperature``, ``beta``, ...).
 
     Returns:
-        (loss, per_pair): the scalar loss with its gradient path, and the k per-pair values (detached) for logging.
+        (loss, per_pair): the scalar loss with its gradient path, and the k per-pair token means (detached).
     """
     if len(student_hidden) != len(teacher_hidden) or not student_hidden:
         raise ValueError(
             f"need the same non-zero number of student and teacher layers, got {len(student_hidden)} and "
             f"{len(teacher_hidden)}"
         )
-    token_fn = get_token_divergence(divergence)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    get_token_divergence(divergence)  # a clear error for an unknown name, before any work
     keep = mask.reshape(-1).bool()  # (B*T,)
-    count = int(keep.sum())
-    pairs = len(student_hidden)
+    count, pairs = int(keep.sum()), len(student_hidden)
     student_rows = torch.cat([h.reshape(-1, h.shape[-1])[keep] for h in student_hidden])  # (k*N, d_s)
-    if not torch.is_grad_enabled():
-        student_rows = student_rows.detach()
     teacher_rows = torch.cat([h.reshape(-1, h.shape[-1])[keep] for h in teacher_hidden])  # (k*N, d_t)
-    weights = torch.full((pairs * count,), 1.0 / max(count, 1) / pairs, device=mask.device)  # (k*N,)
+    row_weight = 1.0 / pairs / (max(count, 1) if reduction == "mean" else 1)
     tracking = torch.is_grad_enabled()  # under no_grad (validation) no gradient is computed chunk by chunk
     student_params = [p for p in student_lens.parameters() if p.requires_grad] if tracking else []
+    chunks = _ChunkPlan(student_lens, teacher_lens, divergence, params, chunk_size, row_weight)
     loss, per_row = _ChunkedLensDivergence.apply(
-        student_lens,
-        teacher_lens,
-        token_fn,
-        params,
-        chunk_size,
-        weights,
-        student_rows,
-        teacher_rows,
-        *student_params,
+        chunks, student_rows if tracking else student_rows.detach(), teacher_rows, *student_params
     )
     per_pair = per_row.reshape(pairs, count).sum(-1) / max(count, 1)  # (k,)
     return loss, per_pair
 
 
-def project_divergence(
-    student_rows: Tensor,
-    teacher_rows: Tensor,
-    student_lens: LogitLens,
-    teacher_lens: LogitLens,
-    token_fn: TokenDivergence,
-    params: dict,
-) -> Tensor:
-    """Per-row divergence of the two lens distributions of one chunk: (n, d_s), (n, d_t) -> (n,)."""
-    with torch.no_grad():
-        teacher_logits = teacher_lens.logits(teacher_rows)  # (n, V)
-    student_logits = student_lens.logits(student_rows)  # (n, V)
-    return token_fn(student_logits, teacher_logits, **params)  # (n,)
+class _ChunkPlan:
+    """What every chunk of the lens loss needs: the two lenses, the divergence and its parameters, the row weight."""
+
+    def __init__(self, student_lens, teacher_lens, divergence, params, chunk_size, row_weight):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.student_lens, self.teacher_lens = student_lens, teacher_lens
+        self.token_fn = get_token_divergence(divergence)
+        self.value_and_grad = TOKEN_GRADIENTS.get(divergence)
+        self.params, self.chunk_size, self.row_weight = params, chunk_size, row_weight
+
+    def values(self, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
+        """Per-row divergences of one chunk, no gradient: (n, d_s), (n, d_t) -> (n,)."""
+        with torch.no_grad():
+            return self.token_fn(
+                self.student_lens.logits(student_rows), self.teacher_lens.logits(teacher_rows), **self.params
+            )
+
+    def values_and_grads(self, student_rows: Tensor, teacher_rows: Tensor, wanted: list[Tensor]):
+        """Per-row divergences (n,) and the gradients of their weighted sum with respect to ``wanted``.
+
+        With a closed-form gradient registered for the divergence, autograd only runs through the lens
+        (norm + unembedding); otherwise it also runs through the divergence.
+        """
+        with torch.no_grad():
+            teacher_logits = self.teacher_lens.logits(teacher_rows)  # (n, V)
+        with torch.enable_grad():
+            student_logits = self.student_lens.logits(student_rows)  # (n, V)
+            if self.value_and_grad is not None:
+                values, grad_logits = self.value_and_grad(
+                    student_logits.detach(), teacher_logits, **self.params
+                )
+                grad_logits = grad_logits.mul_(self.row_weight).to(student_logits.dtype)  # (n, V)
+                grads = torch.autograd.grad(student_logits, wanted, grad_logits, allow_unused=True)
+            else:
+                values = self.token_fn(student_logits, teacher_logits, **self.params)  # (n,)
+                grads = torch.autograd.grad(values.sum() * self.row_weight, wanted, allow_unused=True)
+        return values.detach(), grads
 
 
 class _ChunkedLensDivergence(torch.autograd.Function):
@@ -243,61 +280,41 @@ class _ChunkedLensDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        student_lens,
-        teacher_lens,
-        token_fn,
-        params,
-        chunk_size,
-        weights,
-        student_rows,
-        teacher_rows,
-        *student_params,
-    ):
-        needs_grad = [student_rows.requires_grad] + [p.requires_grad for p in student_params]
-        track = any(needs_grad)
+    def forward(ctx, plan: _ChunkPlan, student_rows: Tensor, teacher_rows: Tensor, *student_params: Tensor):
         inputs = [student_rows, *student_params]
+        needs_grad = [t.requires_grad for t in inputs]
         grads = [torch.zeros_like(t) if need else None for t, need in zip(inputs, needs_grad, strict=True)]
         per_row = torch.empty(student_rows.shape[0], device=student_rows.device)  # (k*N,)
-        for start in range(0, student_rows.shape[0], chunk_size):
-            stop = start + chunk_size
-            rows = student_rows[start:stop].detach().requires_grad_(needs_grad[0])  # (n, d_s)
-            with torch.enable_grad() if track else contextlib.nullcontext():
-                values = project_divergence(
-                    rows, teacher_rows[start:stop], student_lens, teacher_lens, token_fn, params
-                )
-                weighted = (values * weights[start:stop]).sum()
-            per_row[start:stop] = values.detach()
+        for start in range(0, student_rows.shape[0], plan.chunk_size):
+            chunk = slice(start, start + plan.chunk_size)
+            if not any(needs_grad):
+                per_row[chunk] = plan.values(student_rows[chunk], teacher_rows[chunk])
+                continue
+            rows = student_rows[chunk].detach().requires_grad_(needs_grad[0])  # (n, d_s)
             wanted = [t for t, need in zip([rows, *student_params], needs_grad, strict=True) if need]
-            if wanted and weighted.requires_grad:
-                _accumulate(
-                    grads, needs_grad, torch.autograd.grad(weighted, wanted, allow_unused=True), start, stop
-                )
+            per_row[chunk], chunk_grads = plan.values_and_grads(rows, teacher_rows[chunk], wanted)
+            _accumulate(grads, needs_grad, chunk_grads, chunk)
         ctx.save_for_backward(*[g for g in grads if g is not None])
         ctx.needs_grad = needs_grad
-        loss = (per_row * weights).sum()
         ctx.mark_non_differentiable(per_row)
-        return loss, per_row
+        return per_row.sum() * plan.row_weight, per_row
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_row):
         stored = iter(ctx.saved_tensors)
         grads = [next(stored) * grad_loss if need else None for need in ctx.needs_grad]
-        return (None, None, None, None, None, None, grads[0], None, *grads[1:])
+        return (None, grads[0], None, *grads[1:])
 
 
-def _accumulate(grads: list, needs_grad: list[bool], chunk_grads: Sequence, start: int, stop: int) -> None:
+def _accumulate(grads: list, needs_grad: list[bool], chunk_grads: Sequence, chunk: slice) -> None:
     """Add one chunk's gradients: rows into their slice of the row gradient, parameters into the running sum."""
     chunk_grads = iter(chunk_grads)
     for position, need in enumerate(needs_grad):
-        if not need:
-            continue
-        grad = next(chunk_grads)
+        grad = next(chunk_grads) if need else None
         if grad is None:
             continue
         if position == 0:
-            grads[0][start:stop] += grad
+            grads[0][chunk] += grad
         else:
             grads[position] += grad
 

@@ -32,6 +32,11 @@ TokenDivergence = Callable[..., Tensor]
 
 TOKEN_DIVERGENCES: dict[str, TokenDivergence] = {}
 
+TokenValueAndGrad = Callable[..., tuple[Tensor, Tensor]]
+"""(student_logits (n, V), teacher_logits (n, V), **params) -> (per-row divergence (n,), d/d student_logits (n, V))."""
+
+TOKEN_GRADIENTS: dict[str, TokenValueAndGrad] = {}
+
 
 def register(name: str) -> Callable[[TokenDivergence], TokenDivergence]:
     """Register a per-token divergence under ``name`` so configs can choose it by string."""
@@ -50,6 +55,16 @@ def get_token_divergence(name: str) -> TokenDivergence:
     except KeyError:
         valid = ", ".join(sorted(TOKEN_DIVERGENCES))
         raise ValueError(f"unknown divergence {name!r}; valid names: {valid}") from None
+
+
+def register_gradient(name: str) -> Callable[[TokenValueAndGrad], TokenValueAndGrad]:
+    """Register a closed-form value-and-gradient for divergence ``name`` (the chunked lens loss's fast path)."""
+
+    def decorator(fn: TokenValueAndGrad) -> TokenValueAndGrad:
+        TOKEN_GRADIENTS[name] = fn
+        return fn
+
+    return decorator
 
 
 def get_divergence(name: str) -> Callable[..., Tensor]:
@@ -246,3 +261,70 @@ def masked_mse(student_features: Tensor, teacher_features: Tensor, mask: Tensor 
     """
     diff = student_features.float() - teacher_features.float()  # (..., d)
     return masked_mean(diff.pow(2).mean(-1), mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Closed-form gradients with respect to the student's logits, for the chunked lens loss.
+#
+# Autograd through a divergence keeps about a dozen (n, V) tensors alive for its backward; these functions return
+# the value and d/dz_student together from four or five, updated in place. For a student softmax p = softmax(z / T)
+# and g = dD/dp, the chain rule through the softmax gives dD/dz = p * (g - <p, g>) / T. Tests check every one against
+# autograd on the per-token functions above.
+
+
+def _probabilities(student_logits: Tensor, teacher_logits: Tensor, temperature: float):
+    """Unclamped fp32 log-probabilities and probabilities of both models, plus whether any logit is -inf."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logp_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # (n, V)
+    logp_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (n, V)
+    has_inf = not (torch.isfinite(student_logits).all() and torch.isfinite(teacher_logits).all())
+    return logp_s, logp_t, logp_s.exp(), logp_t.exp(), has_inf
+
+
+def _zero_where_impossible(log_ratio: Tensor, p: Tensor, has_inf: bool) -> Tensor:
+    """0 * log(0 / x) = 0: clear the (NaN or infinite) log ratio where p is 0, in place."""
+    return log_ratio.masked_fill_(p == 0, 0.0) if has_inf else log_ratio
+
+
+def _softmax_backward_(g: Tensor, p: Tensor, inner: Tensor, scale: float) -> Tensor:
+    """In place: g <- p * (g - inner) * scale, with inner = <p, g> per row (n,)."""
+    return g.sub_(inner.unsqueeze(-1)).mul_(p).mul_(scale)
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.linalg.vecdot(a, b)  # (n,) without an (n, V) product temporary
+
+
+@register_gradient("forward_kl")
+def grad_forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0):
+    """KL(T||S) and its gradient (p_S - p_T) / T."""
+    logp_s, logp_t, p_s, p_t, has_inf = _probabilities(student_logits, teacher_logits, temperature)
+    log_ratio = _zero_where_impossible(logp_t.sub_(logp_s), p_t, has_inf)  # (n, V) log p_T - log p_S
+    value = _rowdot(p_t, log_ratio)  # (n,)
+    return value, p_s.sub_(p_t).div_(temperature)
+
+
+@register_gradient("reverse_kl")
+def grad_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0):
+    """KL(S||T); dD/dp_S = log(p_S / p_T) + 1, the constant cancels in the softmax backward."""
+    logp_s, logp_t, p_s, _, has_inf = _probabilities(student_logits, teacher_logits, temperature)
+    log_ratio = _zero_where_impossible(logp_s.sub_(logp_t), p_s, has_inf)  # (n, V) log p_S - log p_T
+    value = _rowdot(p_s, log_ratio)  # (n,)
+    return value, _softmax_backward_(log_ratio, p_s, value, 1.0 / temperature)
+
+
+@register_gradient("jsd")
+def grad_jsd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, beta: float = 0.5):
+    """Generalised JSD; dD/dp_S = (1 - beta) * log(p_S / M), M = beta * p_T + (1 - beta) * p_S."""
+    _check_unit_interval("beta", beta)
+    logp_s, logp_t, p_s, p_t, has_inf = _probabilities(student_logits, teacher_logits, temperature)
+    if beta in (0.0, 1.0):
+        return logp_s.new_zeros(logp_s.shape[:-1]), torch.zeros_like(logp_s)
+    m = torch.add(p_t, p_s, alpha=(1 - beta) / beta).mul_(beta)  # (n, V) the mixture
+    log_m = m.clamp_min_(torch.finfo(m.dtype).tiny).log_()  # (n, V) finite where both underflow
+    teacher_ratio = _zero_where_impossible(logp_t.sub_(log_m), p_t, has_inf)  # (n, V) log p_T - log M
+    student_ratio = _zero_where_impossible(logp_s.sub_(log_m), p_s, has_inf)  # (n, V) log p_S - log M
+    student_term = _rowdot(p_s, student_ratio)  # (n,)
+    value = beta * _rowdot(p_t, teacher_ratio) + (1 - beta) * student_term  # (n,)
+    return value, _softmax_backward_(student_ratio, p_s, student_term, (1 - beta) / temperature)

@@ -185,7 +185,9 @@ def run_loss(fn, pair_setup, name="jsd", **kwargs):
     return loss.detach(), per_pair, grads
 
 
-@pytest.mark.parametrize(("name", "params"), [("jsd", {}), ("forward_kl", {"temperature": 2.0}), ("akl", {})])
+@pytest.mark.parametrize(
+    ("name", "params"), [("jsd", {}), ("forward_kl", {"temperature": 2.0}), ("reverse_kl", {}), ("akl", {})]
+)
 @pytest.mark.parametrize("chunk_size", [1, 4, 1000])
 def test_chunked_lens_loss_equals_naive_in_value_and_gradients(pair_setup, name, params, chunk_size):
     chunked = run_loss(lens_loss, pair_setup, name, chunk_size=chunk_size, **params)

@@ -219,3 +219,32 @@ def test_masked_mse_ignores_masked_tokens():
     t_changed = t.clone()
     t_changed[~mask] += 100.0  # padding and prompt tokens must not move the loss
     torch.testing.assert_close(losses.masked_mse(s, t_changed, mask), expected.mean())
+
+
+GRADIENT_CASES = [
+    ("forward_kl", {}),
+    ("forward_kl", {"temperature": 2.0}),
+    ("reverse_kl", {}),
+    ("reverse_kl", {"temperature": 0.7}),
+    ("jsd", {}),
+    ("jsd", {"beta": 0.2, "temperature": 1.5}),
+    ("jsd", {"beta": 1.0}),
+]
+
+
+def test_every_closed_form_gradient_is_tested():
+    assert {name for name, _ in GRADIENT_CASES} == set(losses.TOKEN_GRADIENTS)
+
+
+@pytest.mark.parametrize("with_inf", [False, True])
+@pytest.mark.parametrize(("name", "params"), GRADIENT_CASES)
+def test_closed_form_gradient_equals_autograd(name, params, with_inf):
+    s, t = torch.randn(6, V) * 3, torch.randn(6, V) * 3
+    if with_inf:
+        s[:, :2] = t[:, :2] = float("-inf")
+    leaf = s.clone().requires_grad_()
+    expected_values = losses.TOKEN_DIVERGENCES[name](leaf, t, **params)
+    (expected_grad,) = torch.autograd.grad(expected_values.sum(), leaf)
+    values, grad = losses.TOKEN_GRADIENTS[name](s, t, **params)
+    torch.testing.assert_close(values, expected_values.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
