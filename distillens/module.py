@@ -1,0 +1,427 @@
+"""DistillationModule: a frozen teacher, a trained student, and the DistillLens objective.
+
+    L = ce_weight * CE(S) + kd_weight * D_final(T_L, S_L) + lens_weight * mean_pairs D_lens(T_j, S_i)
+        (+ mse_weight * the masked MSE feature baseline)
+
+Every term is a sum over supervised tokens (labels != -100); the sum of the weighted terms is divided by the number of
+supervised tokens of the whole optimizer step, across gradient-accumulation micro-batches and data-parallel ranks
+(``on_before_optimizer_step``), so long and short micro-batches weigh by their tokens, not by their count.
+
+The teacher is deliberately *not* a submodule: it is never in ``state_dict`` (checkpoints hold the student only),
+never in the optimizer, never switched to train mode by Lightning, and it never receives gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import SumMetric
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from distillens.lens import LogitLens, lens_loss
+from distillens.losses import get_token_divergence, masked_mse
+from distillens.models import ModelSpec, load_model, load_tokenizer
+
+
+@dataclass
+class LossConfig:
+    """Weights and choices of the distillation objective; the defaults are the paper's DistillLens runs."""
+
+    ce_weight: float = 0.0
+    """Weight of the student's cross-entropy on the reference responses (the paper's KD baselines use 0.5)."""
+    kd_weight: float = 1.0
+    """Weight of the final-layer divergence between teacher and student output distributions."""
+    kd_divergence: str = "reverse_kl"
+    """Final-layer divergence: forward_kl, reverse_kl, jeffreys, jsd, skew_forward_kl, skew_reverse_kl, akl, tvd."""
+    kd_params: dict[str, float] = field(default_factory=dict)
+    """Extra parameters of the final-layer divergence (beta for jsd, alpha for skew KL, mu for akl)."""
+    lens_weight: float = 1.0
+    """Weight of the logit-lens term, averaged over layer pairs."""
+    lens_divergence: str = "jsd"
+    """Divergence between lens distributions (the paper: Jensen-Shannon, beta 0.5)."""
+    lens_params: dict[str, float] = field(default_factory=dict)
+    """Extra parameters of the lens divergence."""
+    mse_weight: float = 0.0
+    """Weight of the MSE feature baseline (learned teacher->student projection per pair, supervised tokens only)."""
+    temperature: float = 1.0
+    """Softmax temperature of both divergences (the paper: 1)."""
+    lens_final_norm: bool = True
+    """Apply the final norm in the lens; False reproduces the published code, which skips it."""
+    chunk_size: int = 512
+    """Rows projected to the vocabulary at once by the chunked lens and final-layer losses (peak memory knob)."""
+
+
+@dataclass
+class LayerPairs:
+    """Which student layer is aligned with which teacher layer (hidden-state indices, 0 = embeddings).
+
+    Give both lists to reproduce the paper exactly, or leave them empty for ``count`` evenly spaced pairs
+    (index round(j * L / (count + 1)) for j = 1..count on each side).
+    """
+
+    student: list[int] = field(default_factory=list)
+    """Student hidden-state indices, e.g. [2, 4, 6, 8, 10] for GPT-2 120M."""
+    teacher: list[int] = field(default_factory=list)
+    """Teacher hidden-state indices, e.g. [8, 16, 24, 32, 40] for GPT-2 1.5B."""
+    count: int = 5
+    """Number of evenly spaced pairs when the lists are empty."""
+
+    def resolve(self, student_depth: int, teacher_depth: int) -> tuple[list[int], list[int]]:
+        """Explicit or evenly spaced pairs, checked against both depths."""
+        student, teacher = list(self.student), list(self.teacher)
+        if not student and not teacher:
+            student = evenly_spaced(student_depth, self.count)
+            teacher = evenly_spaced(teacher_depth, self.count)
+        if len(student) != len(teacher):
+            raise ValueError(
+                f"layer pairs: {len(student)} student layers {student} but {len(teacher)} teacher layers {teacher}"
+            )
+        bad = [s for s in student if not 0 <= s <= student_depth] + [
+            t for t in teacher if not 0 <= t <= teacher_depth
+        ]
+        if bad:
+            raise ValueError(
+                f"layer pairs {student} / {teacher}: {bad} out of range (student has {student_depth} blocks, "
+                f"teacher {teacher_depth}; valid indices 0..depth)"
+            )
+        return student, teacher
+
+
+def evenly_spaced(depth: int, count: int) -> list[int]:
+    """count interior hidden-state indices spread evenly over a depth-block model (the paper's GPT-2 choice)."""
+    if count < 1:
+        raise ValueError(f"layer pairs: count must be >= 1, got {count}")
+    return [round(j * depth / (count + 1)) for j in range(1, count + 1)]
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up and cosine decay, stepped every optimizer step."""
+
+    lr: float = 5e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not applied to biases and norm weights)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    warmup: float = 0.05
+    """Warm-up length: a fraction of the total steps if < 1, else a number of steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+
+
+class DistillationModule(L.LightningModule):
+    """Distil a teacher into a student with the DistillLens objective (no teacher: plain SFT of the student).
+
+    Args:
+        student: how to build the student (hub id, folder, GGUF, config, or a subset of the teacher's layers).
+        teacher: how to build the frozen teacher; None trains the student alone on cross-entropy.
+        loss: the objective's weights and divergences.
+        layers: the lens layer pairs.
+        optimizer: learning rate, weight decay and schedule.
+    """
+
+    def __init__(
+        self,
+        student: ModelSpec,
+        teacher: ModelSpec | None = None,
+        loss: LossConfig | None = None,
+        layers: LayerPairs | None = None,
+        optimizer: OptimizerConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.student_spec = _as(ModelSpec, student)
+        self.teacher_spec = _as(ModelSpec, teacher) if teacher is not None else None
+        self.loss_config = _as(LossConfig, loss or LossConfig())
+        self.layer_pairs = _as(LayerPairs, layers or LayerPairs())
+        self.optimizer_config = _as(OptimizerConfig, optimizer or OptimizerConfig())
+        self._check_objective()
+        # plain dicts, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            {
+                "student": asdict(self.student_spec),
+                "teacher": asdict(self.teacher_spec) if self.teacher_spec else None,
+                "loss": asdict(self.loss_config),
+                "layers": asdict(self.layer_pairs),
+                "optimizer": asdict(self.optimizer_config),
+            }
+        )
+        self.tokenizer = load_tokenizer(
+            self.student_spec if self._has_tokenizer_source(self.student_spec) else self.teacher_spec
+        )
+        self.student: PreTrainedModel | None = None
+        self.projections = nn.ModuleList()  # MSE baseline: teacher -> student hidden size, one per pair
+        self.student_layers: list[int] = []
+        self.teacher_layers: list[int] = []
+        self._student_config: dict[str, Any] | None = None  # set when restoring a student without its teacher
+        self._window_tokens = 0  # supervised tokens seen since the last optimizer step (this rank)
+        self.val_sums = nn.ModuleDict()  # term -> SumMetric of token sums over the validation set
+        object.__setattr__(self, "teacher", None)  # not a submodule: see the module docstring
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Building
+
+    @staticmethod
+    def _has_tokenizer_source(spec: ModelSpec | None) -> bool:
+        return spec is not None and (spec.tokenizer is not None or spec.source is not None)
+
+    def _check_objective(self) -> None:
+        config = self.loss_config
+        for name in (config.kd_divergence, config.lens_divergence):
+            get_token_divergence(name)
+        if self.teacher_spec is None and (config.kd_weight or config.lens_weight or config.mse_weight):
+            raise ValueError(
+                "model.teacher is not set but loss.kd_weight/lens_weight/mse_weight are not 0: "
+                "set a teacher, or zero them for plain SFT (configs/sft.yaml)"
+            )
+        if not (config.ce_weight or config.kd_weight or config.lens_weight or config.mse_weight):
+            raise ValueError("every loss weight is 0: nothing to train")
+
+    def configure_model(self) -> None:
+        """Build teacher and student here (not in __init__) so strategies can create large ones sharded."""
+        if self.student is not None:
+            return
+        teacher = load_model(self.teacher_spec) if self.teacher_spec is not None else None
+        if self._student_config is not None:  # restoring a checkpoint: the architecture, weights come next
+            self.student = AutoModelForCausalLM.from_config(AutoConfig.for_model(**self._student_config))
+        else:
+            self.student = load_model(self.student_spec, teacher=teacher)
+        if teacher is not None:
+            self._attach_teacher(teacher)
+
+    def _attach_teacher(self, teacher: PreTrainedModel) -> None:
+        teacher.requires_grad_(False).eval()
+        object.__setattr__(self, "teacher", teacher)
+        check_same_vocabulary(self.student, teacher)
+        self.student_lens = LogitLens(self.student, apply_final_norm=self.loss_config.lens_final_norm)
+        self.teacher_lens = LogitLens(teacher, apply_final_norm=self.loss_config.lens_final_norm)
+        self.student_final = LogitLens(self.student)  # the real output head, for the final-layer term
+        self.teacher_final = LogitLens(teacher)
+        if self.loss_config.lens_weight or self.loss_config.mse_weight:
+            self.student_layers, self.teacher_layers = self.layer_pairs.resolve(
+                self.student_lens.num_layers, self.teacher_lens.num_layers
+            )
+        if self.loss_config.mse_weight and not len(self.projections):
+            d_s, d_t = self.student.config.hidden_size, teacher.config.hidden_size
+            self.projections.extend(nn.Linear(d_t, d_s, bias=False) for _ in self.student_layers)
+
+    def _place_teacher(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval()
+
+    def on_fit_start(self) -> None:
+        self._place_teacher()
+
+    def on_validation_start(self) -> None:
+        self._place_teacher()
+
+    def on_test_start(self) -> None:
+        self._place_teacher()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The objective
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Token sums of every active loss term on one batch, plus the supervised-token count under "tokens"."""
+        labels = batch["labels"]  # (B, T)
+        mask = labels[:, 1:] != -100  # (B, T-1): position t predicts token t+1
+        student_depth = len(self.student_lens.blocks) if self.teacher is not None else 0
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        need_logits = bool(self.loss_config.ce_weight) or not self.training
+        with _capture(self, "student_lens", self.student_layers + [student_depth]) as s_hidden:
+            s_out = self.student(**inputs, use_cache=False, logits_to_keep=0 if need_logits else 1)
+        terms = {"tokens": mask.sum()}
+        if need_logits:
+            terms["ce"] = _cross_entropy_sum(s_out.logits[:, :-1], labels[:, 1:])
+        if self.teacher is None:
+            return terms
+        teacher_depth = self.teacher_lens.num_layers
+        with torch.no_grad(), self.teacher_lens.capture(self.teacher_layers + [teacher_depth]) as t_hidden:
+            self.teacher(
+                **inputs, use_cache=False, logits_to_keep=1
+            )  # hidden states only: no (B, T, V) logits
+        shift = lambda hidden: hidden[:, :-1]  # noqa: E731  (B, T-1, d)
+        terms.update(self._distillation_terms(s_hidden, t_hidden, shift, mask, student_depth, teacher_depth))
+        return terms
+
+    def _distillation_terms(
+        self, s_hidden, t_hidden, shift, mask, student_depth, teacher_depth
+    ) -> dict[str, Tensor]:
+        config, terms = self.loss_config, {}
+        chunked = dict(chunk_size=config.chunk_size, reduction="sum", temperature=config.temperature)
+        if config.kd_weight or not self.training:
+            terms["kd"], _ = lens_loss(
+                [shift(s_hidden[student_depth])], [shift(t_hidden[teacher_depth])], self.student_final,
+                self.teacher_final, mask, config.kd_divergence, **chunked, **config.kd_params,
+            )  # fmt: skip
+        if self.student_layers and (config.lens_weight or not self.training):
+            terms["lens"], per_pair = lens_loss(
+                [shift(s_hidden[i]) for i in self.student_layers], [shift(t_hidden[j]) for j in self.teacher_layers],
+                self.student_lens, self.teacher_lens, mask, config.lens_divergence, **chunked, **config.lens_params,
+            )  # fmt: skip
+            terms.update(
+                {
+                    f"lens/s{i}_t{j}": v
+                    for i, j, v in zip(self.student_layers, self.teacher_layers, per_pair, strict=True)
+                }
+            )
+        if config.mse_weight:
+            terms["mse"] = sum(
+                masked_mse(proj(shift(t_hidden[j])), shift(s_hidden[i]), mask) * mask.sum()
+                for proj, i, j in zip(self.projections, self.student_layers, self.teacher_layers, strict=True)
+            ) / len(self.projections)
+        return terms
+
+    def weighted_sum(self, terms: dict[str, Tensor]) -> Tensor:
+        """The objective's token sum: the configured weight of each term present."""
+        weights = {
+            "ce": self.loss_config.ce_weight,
+            "kd": self.loss_config.kd_weight,
+            "lens": self.loss_config.lens_weight,
+            "mse": self.loss_config.mse_weight,
+        }
+        return sum(weight * terms[name] for name, weight in weights.items() if weight and name in terms)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        terms = self(batch)
+        total = self.weighted_sum(terms)
+        tokens = int(terms["tokens"])
+        self._window_tokens += tokens
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", total.detach() / max(tokens, 1), prog_bar=True, batch_size=batch_size)
+        for name, value in terms.items():
+            if name != "tokens":
+                per_token = value if name.startswith("lens/") else value.detach() / max(tokens, 1)
+                self.log(f"train/{name}", per_token, batch_size=batch_size)
+        return total
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Turn the accumulated gradient of token *sums* into the gradient of the step's token *mean*.
+
+        Lightning divides each micro-batch loss by the accumulation count A and data parallelism averages over the
+        W ranks, so the gradient holds sum / (A * W); multiplying by A * W / N, with N the supervised tokens of the
+        whole step on all ranks, gives exactly sum / N.
+        """
+        tokens = torch.tensor(float(self._window_tokens), device=self.device)
+        tokens = (
+            self.trainer.strategy.reduce(tokens, reduce_op="sum") if self.trainer.world_size > 1 else tokens
+        )
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(float(tokens), 1.0)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        self._window_tokens = 0
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._accumulate_eval(batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._accumulate_eval(batch)
+
+    def _accumulate_eval(self, batch: dict[str, Tensor]) -> None:
+        terms = self(batch)
+        terms["loss"] = self.weighted_sum(terms)
+        for name, value in terms.items():
+            if name.startswith("lens/"):
+                value = value * terms["tokens"]
+            key = name.replace("/", "__")  # ModuleDict keys cannot hold "/" or "."
+            if key not in self.val_sums:
+                self.val_sums[key] = SumMetric().to(self.device)
+            self.val_sums[key].update(value.detach().float())
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        """Token means over the whole evaluation set (synchronised across ranks by the metrics)."""
+        if "tokens" not in self.val_sums:
+            return
+        tokens = self.val_sums["tokens"].compute().clamp_min(1)
+        for key, metric in self.val_sums.items():
+            if key != "tokens":
+                self.log(f"{stage}/{key.replace('__', '/')}", metric.compute() / tokens)
+            metric.reset()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Optimisation and checkpoints
+
+    def configure_optimizers(self):
+        config = self.optimizer_config
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(config.warmup * total) if config.warmup < 1 else int(config.warmup)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(warmup, total, config.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the student's architecture, so the checkpoint can be restored and exported without a teacher."""
+        checkpoint["student_config"] = self.student.config.to_dict()
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at a step: linear warm-up, then cosine decay to min_ratio."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def check_same_vocabulary(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
+    """Distillation compares distributions token by token: both models must index the same vocabulary."""
+    s_vocab = student.get_output_embeddings().weight.shape[0]
+    t_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if s_vocab != t_vocab:
+        raise ValueError(
+            f"teacher and student vocabularies differ: teacher {type(teacher).__name__} has {t_vocab} tokens, "
+            f"student {type(student).__name__} {s_vocab}; distillation needs the same tokenizer"
+        )
+
+
+def _cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Sum over supervised tokens of the student's cross-entropy, in fp32. logits (B, T, V), labels (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+class _capture:
+    """Capture from a lens if the module has one (teacher-free SFT runs have none)."""
+
+    def __init__(self, module: DistillationModule, lens_name: str, layers: list[int]) -> None:
+        lens = getattr(module, lens_name, None)
+        self.context = lens.capture(sorted(set(layers))) if lens is not None else None
+
+    def __enter__(self) -> dict[int, Tensor]:
+        return self.context.__enter__() if self.context is not None else {}
+
+    def __exit__(self, *exc) -> None:
+        if self.context is not None:
+            self.context.__exit__(*exc)
+
+
+def _as(cls, value):
+    """Accept a dataclass instance or its dict form (as stored in checkpoints' hyper-parameters)."""
+    return cls(**value) if isinstance(value, dict) else value
