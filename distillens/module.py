@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from distillens.evaluation import generate, rouge_l_per_example
 from distillens.lens import LogitLens, lens_loss
 from distillens.losses import get_token_divergence, masked_mse
 from distillens.models import ModelSpec, load_model, load_tokenizer
@@ -102,6 +103,24 @@ def evenly_spaced(depth: int, count: int) -> list[int]:
 
 
 @dataclass
+class GenerationSettings:
+    """How responses are sampled for generation-based evaluation (``distillens test``)."""
+
+    max_new_tokens: int = 512
+    """Longest generated response (the paper: 512)."""
+    do_sample: bool = True
+    """Sample (the paper: top_k 0, top_p 1, temperature 1) or decode greedily."""
+    top_k: int = 0
+    """Top-k filter when sampling; 0 disables it."""
+    top_p: float = 1.0
+    """Nucleus filter when sampling; 1 disables it."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    seed: int = 0
+    """Seed of the sampling, so evaluations are repeatable."""
+
+
+@dataclass
 class OptimizerConfig:
     """AdamW with linear warm-up and cosine decay, stepped every optimizer step."""
 
@@ -126,6 +145,7 @@ class DistillationModule(L.LightningModule):
         loss: the objective's weights and divergences.
         layers: the lens layer pairs.
         optimizer: learning rate, weight decay and schedule.
+        generation: sampling settings of generation-based evaluation.
     """
 
     def __init__(
@@ -135,6 +155,7 @@ class DistillationModule(L.LightningModule):
         loss: LossConfig | None = None,
         layers: LayerPairs | None = None,
         optimizer: OptimizerConfig | None = None,
+        generation: GenerationSettings | None = None,
     ) -> None:
         super().__init__()
         self.student_spec = _as(ModelSpec, student)
@@ -142,6 +163,7 @@ class DistillationModule(L.LightningModule):
         self.loss_config = _as(LossConfig, loss or LossConfig())
         self.layer_pairs = _as(LayerPairs, layers or LayerPairs())
         self.optimizer_config = _as(OptimizerConfig, optimizer or OptimizerConfig())
+        self.generation = _as(GenerationSettings, generation or GenerationSettings())
         self._check_objective()
         # plain dicts, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
@@ -151,6 +173,7 @@ class DistillationModule(L.LightningModule):
                 "loss": asdict(self.loss_config),
                 "layers": asdict(self.layer_pairs),
                 "optimizer": asdict(self.optimizer_config),
+                "generation": asdict(self.generation),
             }
         )
         self.tokenizer = load_tokenizer(
@@ -323,8 +346,27 @@ class DistillationModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._accumulate_eval(batch)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._accumulate_eval(batch)
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Teacher-forced loss on labelled batches; generation + ROUGE-L on prompt-only (generation) batches."""
+        if "labels" in batch:
+            self._accumulate_eval(batch)
+            return
+        predictions = self.generate_responses(batch)
+        name = batch["name"]
+        scores = rouge_l_per_example(predictions, batch["references"])
+        self._generation_scores.setdefault(name, []).extend(scores)
+
+    def generate_responses(self, batch: dict[str, Any]) -> list[str]:
+        """The student's responses to a left-padded prompt batch, with the configured sampling."""
+        settings = self.generation
+        return generate(
+            self.student, self.tokenizer, batch["input_ids"], batch["attention_mask"],
+            max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, top_k=settings.top_k,
+            top_p=settings.top_p, temperature=settings.temperature, seed=settings.seed,
+        )  # fmt: skip
+
+    def on_test_epoch_start(self) -> None:
+        self._generation_scores: dict[str, list[float]] = {}
 
     def _accumulate_eval(self, batch: dict[str, Tensor]) -> None:
         terms = self(batch)
@@ -342,6 +384,12 @@ class DistillationModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
+        for name, scores in self._generation_scores.items():
+            local = torch.tensor([sum(scores), len(scores)], dtype=torch.float64, device=self.device)
+            total = (
+                self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
+            )
+            self.log(f"test/{name}/rougeL", float(total[0] / total[1].clamp_min(1)))
 
     def _log_eval(self, stage: str) -> None:
         """Token means over the whole evaluation set (synchronised across ranks by the metrics)."""
