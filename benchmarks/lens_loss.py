@@ -78,12 +78,12 @@ def workload(args: argparse.Namespace):
 
 def liger_loss(s_hidden, t_hidden, student, teacher, mask):
     """Liger-Kernel's fused linear JSD over the same rows (the norms applied first, as it only fuses the head)."""
-    from liger_kernel.transformers import LigerFusedLinearJSDLoss
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
     labels = torch.where(mask, 0, -100).reshape(-1).repeat(len(s_hidden))  # (k*B*T,) -100 = unsupervised
     s_in = student.norm(torch.cat([h.reshape(-1, h.shape[-1]) for h in s_hidden]))  # (k*B*T, d_s)
     t_in = teacher.norm(torch.cat([h.reshape(-1, h.shape[-1]) for h in t_hidden]))  # (k*B*T, d_t)
-    fn = LigerFusedLinearJSDLoss(jsd_beta=0.5, temperature=1.0)
+    fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=False)
     return fn(s_in, student.unembedding.weight, t_in, teacher.unembedding.weight, labels), None
 
 
@@ -124,7 +124,7 @@ def spawn(variant: str, argv: list[str]) -> dict:
 
 def liger_available() -> bool:
     try:
-        import liger_kernel.transformers  # noqa: F401
+        import liger_kernel.chunked_loss  # noqa: F401
     except Exception:
         return False
     return True

