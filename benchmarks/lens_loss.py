@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256, help="sequence length")
     parser.add_argument("--supervised", type=float, default=0.5, help="fraction of supervised tokens")
-    parser.add_argument("--chunk-size", type=int, default=512, help="rows per chunk of the chunked lens loss")
+    parser.add_argument("--chunk-size", type=int, default=256, help="rows per chunk of the chunked lens loss")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", type=Path, default=REPO / "logs" / "bench", help="folder for the JSON table")

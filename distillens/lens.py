@@ -189,7 +189,7 @@ def lens_loss(
     teacher_lens: LogitLens,
     mask: Tensor,
     divergence: str = "jsd",
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     reduction: str = "mean",
     **params: float,
 ) -> tuple[Tensor, Tensor]:
