@@ -179,3 +179,15 @@ def test_warmup_then_cosine_schedule():
     assert values[0] < values[1] < values[3] < values[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
     assert values[14] == pytest.approx(0.1)
+
+
+def test_tokenizers_with_different_token_ids_are_an_error(tmp_path, gpt2_tokenizer, smollm2_tokenizer):
+    gpt2_tokenizer.save_pretrained(tmp_path / "gpt2")
+    smollm2_tokenizer.save_pretrained(tmp_path / "smol")
+    smollm2_tokenizer.save_pretrained(tmp_path / "smol-copy")
+    student, teacher = llama(2, 32), llama(2, 32)
+    student.tokenizer, teacher.tokenizer = str(tmp_path / "smol"), str(tmp_path / "smol-copy")
+    DistillationModule(student=student, teacher=teacher)  # same ids under another path: fine
+    teacher.tokenizer = str(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="teacher tokenizer .*gpt2.* and student tokenizer .*smol.* differ"):
+        DistillationModule(student=student, teacher=teacher)
