@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from distillens.diagnostics import lens_diagnostics, plot_lens_diagnostics
+from distillens.lens import LogitLens
 
 
 class TokenThroughput(L.Callback):
@@ -22,8 +28,51 @@ class TokenThroughput(L.Callback):
         )
 
 
+class InitialValidation(L.Callback):
+    """Log the validation losses of the untrained student at step 0, so a run shows where it started.
+
+    Lightning validates only after training steps; this runs the module's own loss on (at most ``max_batches`` of)
+    the validation set before the first step and logs ``val/<term>`` at step 0 through the run's loggers.
+
+    Args:
+        max_batches: validation batches to use; None follows the trainer's ``limit_val_batches`` when it is a count.
+    """
+
+    def __init__(self, max_batches: int | None = None) -> None:
+        self.max_batches = max_batches
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0 or trainer.datamodule is None:
+            return  # resumed run: its curve already has a start
+        limit = self.max_batches
+        if limit is None and isinstance(trainer.limit_val_batches, int):
+            limit = trainer.limit_val_batches
+        sums: dict[str, float] = {}
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            for index, batch in enumerate(trainer.datamodule.val_dataloader()):
+                if limit is not None and index >= limit:
+                    break
+                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                terms = pl_module(batch)
+                terms["loss"] = pl_module.weighted_sum(terms)
+                for name, value in terms.items():
+                    scale = terms["tokens"] if name.startswith("lens/") else 1
+                    sums[name] = sums.get(name, 0.0) + float(value * scale)
+        pl_module.train(was_training)
+        tokens = max(sums.pop("tokens", 0.0), 1.0)
+        metrics = {f"val/{name}": value / tokens for name, value in sums.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=0)
+        print("initial validation: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "/lens/" not in k))
+
+
 class ExportStudent(L.Callback):
     """At the end of fit, save the student (safetensors + config + tokenizer) where ``from_pretrained`` loads it.
+
+    A student sharded by FSDP is gathered into one ordinary model first (every rank takes part), so the folder is
+    the same single Hugging Face folder a one-process run writes.
 
     Args:
         dirpath: target folder; default ``<run folder>/student``.
@@ -33,9 +82,52 @@ class ExportStudent(L.Callback):
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        from distillens.distributed import consolidated_model
         from distillens.models import export_student
 
         folder = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "student")
+        student = consolidated_model(pl_module.student)  # a collective when sharded; None off rank 0
         if trainer.is_global_zero:
-            export_student(pl_module.student, pl_module.tokenizer, folder)
+            export_student(student, pl_module.tokenizer, folder)
             print(f"student exported to {folder}")
+
+
+class LensDiagnostics(L.Callback):
+    """Every ``every_n_val``-th validation, log where the student's lens distributions depart from the teacher's.
+
+    Computed by ``distillens.diagnostics.lens_diagnostics`` on the first ``max_batches`` validation batches (the
+    same ones each time, so the curves are comparable): scalars ``lens_diag/<quantity>/s<i>_t<j>`` (divergence,
+    entropies, top-1 agreement with the teacher's answer) through the module's loggers, and the three-panel figure
+    as ``lens_diag/figure`` in each TensorBoard logger. Skipped in the sanity check and without a teacher.
+
+    Args:
+        every_n_val: run at every N-th validation.
+        max_batches: validation batches to diagnose on.
+        divergence: divergence between the lens distributions (any name of the loss registry; the paper: jsd).
+    """
+
+    def __init__(self, every_n_val: int = 1, max_batches: int = 2, divergence: str = "jsd") -> None:
+        if every_n_val < 1 or max_batches < 1:
+            raise ValueError(
+                f"LensDiagnostics: every_n_val={every_n_val} and max_batches={max_batches} must be >= 1"
+            )
+        self.every_n_val, self.max_batches, self.divergence = every_n_val, max_batches, divergence
+        self._validations = 0
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or pl_module.teacher is None or trainer.datamodule is None:
+            return
+        self._validations += 1
+        if self._validations % self.every_n_val:
+            return
+        batches = itertools.islice(trainer.datamodule.val_dataloader(), self.max_batches)
+        report = lens_diagnostics(
+            LogitLens(pl_module.student), LogitLens(pl_module.teacher), batches, divergence=self.divergence
+        )
+        for name, value in report.scalars().items():
+            pl_module.log(name, value, sync_dist=True)  # every rank diagnosed the same batches
+        if trainer.is_global_zero:
+            figure = plot_lens_diagnostics(report)
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_figure("lens_diag/figure", figure, global_step=trainer.global_step)

@@ -1,4 +1,5 @@
-"""`distillens fit|validate|test|predict --config ...` through LightningCLI, plus `distillens export`.
+"""`distillens fit|validate|test|predict --config ...` through LightningCLI, plus `distillens export` and
+`distillens diagnose`.
 
 Errors a user can cause (a bad path, an unknown loss name, mismatched vocabularies, bad layer pairs) print one line
 and exit with status 1; ``--debug`` (or DISTILLENS_DEBUG=1) shows the full traceback instead.
@@ -12,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from distillens.data import InstructionDataModule
@@ -38,6 +40,8 @@ class DistillensCLI(LightningCLI):
 
 def run_cli(args: list[str] | None = None) -> DistillensCLI:
     """Build and run the Lightning CLI (subcommand, configs and overrides in ``args``)."""
+    # dataclass fields are documented by the string under each one: make them the --help text
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     return DistillensCLI(
         DistillationModule,
         InstructionDataModule,
@@ -59,6 +63,34 @@ def export_command(args: list[str]) -> None:
     print(f"student exported to {folder}")
 
 
+def diagnose_command(args: list[str]) -> None:
+    """`distillens diagnose --teacher SPEC --student SPEC --data FILE --out DIR`: lens diagnostics (PNG + JSON)."""
+    from distillens.diagnostics import diagnose
+
+    parser = argparse.ArgumentParser(prog="distillens diagnose", description=diagnose_command.__doc__)
+    teacher_help = "hub id, folder, .gguf file or smollm2-135m-instruct"
+    parser.add_argument("--teacher", required=True, help=teacher_help)
+    parser.add_argument(
+        "--student", required=True, help="as --teacher, a .ckpt, or layers:i,j,... of the teacher"
+    )
+    parser.add_argument("--data", required=True, help="a data file or folder the data module reads")
+    parser.add_argument("--out", required=True, type=Path, help="folder for lens_diagnostics.png and .json")
+    parser.add_argument("--divergence", default="jsd", help="divergence between lens distributions")
+    parser.add_argument("--max-samples", type=int, default=32, help="examples to use (the first ones)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=512, help="longest prompt + response in tokens")
+    parser.add_argument("--max-prompt-length", type=int, default=256)
+    parser.add_argument("--template", default="alpaca", help="alpaca, chat, or a string with {instruction}")
+    parser.add_argument("--cache-dir", default="data/cache")
+    options = parser.parse_args(args)
+    png, report = diagnose(
+        options.teacher, options.student, options.data, options.out, divergence=options.divergence,
+        max_samples=options.max_samples, batch_size=options.batch_size, max_length=options.max_length,
+        max_prompt_length=options.max_prompt_length, template=options.template, cache_dir=options.cache_dir,
+    )  # fmt: skip
+    print(f"lens diagnostics written to {png} and {report}")
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point."""
     from_command_line = args is None
@@ -71,6 +103,8 @@ def main(args: list[str] | None = None) -> None:
     try:
         if args[:1] == ["export"]:
             export_command(args[1:])
+        elif args[:1] == ["diagnose"]:
+            diagnose_command(args[1:])
         else:
             run_cli(None if from_command_line else args)
     except USER_ERRORS as error:

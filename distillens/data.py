@@ -541,8 +541,95 @@ class GenerationCollator:
             "position_ids": position_ids_from_mask(attention_mask),  # (B, P)
             "prompts": [f["prompt"] for f in features],
             "references": [list(f["references"]) for f in features],
+            "index": [f["index"] for f in features],  # row in the split (orders gathered shards)
             "name": self.set_name,
         }
+
+
+class IndexedRows(torch.utils.data.Dataset):
+    """A split whose rows also carry their position, so that generations from several ranks (which
+    DistributedSampler pads with repeats) can be de-duplicated and put back in dataset order."""
+
+    def __init__(self, rows: datasets.Dataset) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.rows[index], "index": index}
+
+
+# ----------------------------------------------------------------------------------------------- training order
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A random order of the rows that depends on (seed, epoch) only.
+
+    PyTorch's RandomSampler draws its order from the global random state, which a resumed run does not share with
+    the interrupted one; this order is recomputed identically after a restart. Lightning calls `set_epoch` before
+    every epoch, directly or through the DistributedSamplerWrapper it puts around this sampler under DDP.
+    """
+
+    def __init__(self, num_rows: int, seed: int) -> None:
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_rows, generator=generator).tolist())  # (N,)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that continues an interrupted epoch at the exact next batch.
+
+    Its state (`state_dict()`) is the epoch and the number of batches handed out in it. Lightning fetches batches
+    one by one from a loader that has a length (it prefetches only when the length is unknown), so when a
+    checkpoint is written that number is exactly the batches the training loop has taken. The first pass over the
+    saved epoch after `load_state_dict` (or the `resume_at` argument) skips those batches: they are still read,
+    which costs a few milliseconds each and works with any sampler Lightning substitutes (DDP, workers); another
+    epoch is not skipped. Resume with the same batch size and number of devices.
+
+    Args:
+        resume_at: a `state_dict()` to resume from. An argument as well as `load_state_dict`, because Lightning
+            rebuilds the loader from its arguments when it inserts a distributed sampler.
+    """
+
+    def __init__(self, dataset: Any, *args: Any, resume_at: dict[str, int] | None = None, **kwargs: Any) -> None:
+        super().__init__(dataset, *args, **kwargs)
+        self.resume_at = dict(resume_at) if resume_at else None
+        self._position = {"epoch": 0, "batches": 0}
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._position)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.resume_at = dict(state_dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Batches of the current epoch, minus those already trained on before a restart.
+
+        A generator, so nothing happens before the first batch is asked for: Lightning creates the iterator before
+        it restores the checkpoint and sets the sampler's epoch.
+        """
+        epoch = getattr(self.sampler, "epoch", 0)
+        skip = self._batches_to_skip(epoch)
+        self._position = {"epoch": epoch, "batches": 0}
+        batches = super().__iter__()
+        for batch in batches:
+            self._position["batches"] += 1
+            if self._position["batches"] > skip:
+                yield batch
+
+    def _batches_to_skip(self, epoch: int) -> int:
+        """The saved position's batch count if it is this epoch's, once; 0 otherwise."""
+        resume, self.resume_at = self.resume_at, None
+        return resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
 
 
 # ----------------------------------------------------------------------------------------------- data module
@@ -585,7 +672,7 @@ class InstructionDataModule(L.LightningDataModule):
         max_prompt_length: Longest prompt in tokens; rows with longer prompts are dropped (and counted).
         val_size: Rows of `train` to hold out for validation: a count (the paper holds out 1000 Dolly rows) or a
             fraction in (0, 1). The split is deterministic given `seed`.
-        seed: Seed of the `val_size` split.
+        seed: Seed of the `val_size` split and of the training order (one fixed permutation per epoch).
         batch_size: Training (and validation-loss) batch size per device.
         eval_batch_size: Generation batch size per device; unset means `batch_size`.
         num_workers: DataLoader worker processes.
@@ -643,6 +730,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.stats: dict[str, SplitStats] = {}  # what the filters did to each split (also kept in the cache)
         self._plans = _plan_splits(train, validation, self.test, val_size)  # bad paths fail here, early
         self._hub_datasets: dict[tuple[str, str], datasets.Dataset] = {}
+        self._train_resume_at: dict[str, int] | None = None  # from a checkpoint, see load_state_dict
 
     # ------------------------------------------------------------------ wiring
 
@@ -684,10 +772,32 @@ class InstructionDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ dataloaders
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(
-            "train", TrainingCollator(self.pad_token_id, self.pad_to_multiple_of), shuffle=True
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Right-padded training batches in an order fixed by `seed` and the epoch, resumable mid-epoch."""
+        if "train" not in self.splits:
+            self.splits["train"] = self._load("train")
+        rows = self.splits["train"]
+        return ResumableDataLoader(
+            rows,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(rows), self.seed),
+            num_workers=self.num_workers,
+            collate_fn=TrainingCollator(self.pad_token_id, self.pad_to_multiple_of),
+            resume_at=self._train_resume_at,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position, saved in checkpoints so that a resumed fit continues at the next batch.
+
+        Lightning also saves the loader's own state, but hands it back only when the loader is built after the
+        checkpoint is restored; `configure_optimizers` builds it earlier (through `estimated_stepping_batches`,
+        Lightning issue #20550). A data module's state is restored before any loader exists.
+        """
+        loader = self.trainer.train_dataloader if self.trainer is not None else None
+        return {"train_position": loader.state_dict()} if isinstance(loader, ResumableDataLoader) else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_resume_at = state_dict.get("train_position")
 
     def val_dataloader(self) -> DataLoader | list:
         """Teacher-forced validation batches (for the validation loss); empty when there is no validation set."""
@@ -705,19 +815,25 @@ class InstructionDataModule(L.LightningDataModule):
         return [self.generation_dataloader(name) for name in names]
 
     def generation_dataloader(self, name: str = "validation") -> DataLoader:
-        """Left-padded prompt batches of one split ("validation" or a test set's name), with references."""
+        """Left-padded prompt batches of one split ("validation" or a test set's name), with references and
+        each row's `index` in the split."""
         collator = GenerationCollator(self.pad_token_id, name, self.pad_to_multiple_of)
-        return self._loader(name, collator, batch_size=self.eval_batch_size)
+        return self._loader(name, collator, batch_size=self.eval_batch_size, indexed=True)
 
     def _loader(
-        self, name: str, collator: Callable, shuffle: bool = False, batch_size: int | None = None
+        self,
+        name: str,
+        collator: Callable,
+        shuffle: bool = False,
+        batch_size: int | None = None,
+        indexed: bool = False,
     ) -> DataLoader:
         if name not in self.splits:
             if name not in self._plans:
                 raise ValueError(f"no split named {name!r}; configured: {sorted(self._plans)}")
             self.splits[name] = self._load(name)
         return DataLoader(
-            self.splits[name],
+            IndexedRows(self.splits[name]) if indexed else self.splits[name],
             batch_size=batch_size or self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,

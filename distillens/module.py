@@ -13,9 +13,11 @@ never in the optimizer, never switched to train mode by Lightning, and it never 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,8 +27,21 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from distillens.evaluation import generate, rouge_l_per_example
-from distillens.lens import LogitLens, lens_loss
+from distillens.distributed import gathered, is_sharded, shard_models, sharding_options
+from distillens.evaluation import (
+    GenerationRecord,
+    batch_seed,
+    check_metrics,
+    gather_records,
+    generate,
+    records_from_batch,
+    results_markdown,
+    score_records,
+    shard_loader,
+    summarize_runs,
+    write_results,
+)
+from distillens.lens import LogitLens, lens_loss, naive_lens_loss
 from distillens.losses import get_token_divergence, masked_mse
 from distillens.models import ModelSpec, load_model, load_tokenizer
 
@@ -55,8 +70,11 @@ class LossConfig:
     """Softmax temperature of both divergences (the paper: 1)."""
     lens_final_norm: bool = True
     """Apply the final norm in the lens; False reproduces the published code, which skips it."""
-    chunk_size: int = 512
+    chunk_size: int = 256
     """Rows projected to the vocabulary at once by the chunked lens and final-layer losses (peak memory knob)."""
+    lens_impl: str = "chunked"
+    """How the lens term is computed: "chunked" (memory-bounded, the default) or "naive" (the published code's
+    (k, B, T, V) projection, for benchmarks and checks)."""
 
 
 @dataclass
@@ -102,9 +120,12 @@ def evenly_spaced(depth: int, count: int) -> list[int]:
     return [round(j * depth / (count + 1)) for j in range(1, count + 1)]
 
 
+GENERATORS = ("student", "teacher")
+
+
 @dataclass
 class GenerationSettings:
-    """How responses are sampled for generation-based evaluation (``distillens test``)."""
+    """How answers are generated and scored: in ``distillens test``, and during validation when ``every_n_val > 0``."""
 
     max_new_tokens: int = 512
     """Longest generated response (the paper: 512)."""
@@ -116,8 +137,29 @@ class GenerationSettings:
     """Nucleus filter when sampling; 1 disables it."""
     temperature: float = 1.0
     """Sampling temperature."""
-    seed: int = 0
-    """Seed of the sampling, so evaluations are repeatable."""
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    """Generation seeds (MiniLLM's five): test reports mean and std over them all; validation uses the first."""
+    metrics: list[str] = field(default_factory=lambda: ["rougeL", "exact_match"])
+    """Scores to compute: rougeL, exact_match, sbert (SBERT cosine similarity; needs the ``sbert`` extra)."""
+    every_n_val: int = 0
+    """Generate on the validation prompts at every N-th validation and log ``val/<metric>``; 0 never does."""
+    max_prompts: int | None = None
+    """Validation generation answers only the first this many validation prompts; None answers them all."""
+    generator: str = "student"
+    """Which model answers: "student", or "teacher" for the reference row of the paper's tables."""
+    output_dir: str | None = None
+    """Where ``distillens test`` writes results.json, results.md and the answers; default ``<run folder>/eval``."""
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("generation.seeds is empty: give at least one generation seed")
+        if self.every_n_val < 0:
+            raise ValueError(f"generation.every_n_val={self.every_n_val}: use 0 (never) or a positive count")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"generation.max_prompts={self.max_prompts}: use a positive count or null")
+        if self.generator not in GENERATORS:
+            raise ValueError(f"generation.generator={self.generator!r}: use one of {', '.join(GENERATORS)}")
+        check_metrics(self.metrics)
 
 
 @dataclass
@@ -179,12 +221,14 @@ class DistillationModule(L.LightningModule):
         self.tokenizer = load_tokenizer(
             self.student_spec if self._has_tokenizer_source(self.student_spec) else self.teacher_spec
         )
+        check_same_tokenizer(self.student_spec, self.teacher_spec, self.tokenizer)
         self.student: PreTrainedModel | None = None
         self.projections = nn.ModuleList()  # MSE baseline: teacher -> student hidden size, one per pair
         self.student_layers: list[int] = []
         self.teacher_layers: list[int] = []
         self._student_config: dict[str, Any] | None = None  # set when restoring a student without its teacher
         self._window_tokens = 0  # supervised tokens seen since the last optimizer step (this rank)
+        self._validations_done = 0  # validation runs since this process started (generation every N-th)
         self.val_sums = nn.ModuleDict()  # term -> SumMetric of token sums over the validation set
         object.__setattr__(self, "teacher", None)  # not a submodule: see the module docstring
 
@@ -199,6 +243,10 @@ class DistillationModule(L.LightningModule):
         config = self.loss_config
         for name in (config.kd_divergence, config.lens_divergence):
             get_token_divergence(name)
+        if config.lens_impl not in LENS_IMPLEMENTATIONS:
+            raise ValueError(
+                f"loss.lens_impl={config.lens_impl!r}: expected one of {', '.join(sorted(LENS_IMPLEMENTATIONS))}"
+            )
         if self.teacher_spec is None and (config.kd_weight or config.lens_weight or config.mse_weight):
             raise ValueError(
                 "model.teacher is not set but loss.kd_weight/lens_weight/mse_weight are not 0: "
@@ -216,8 +264,27 @@ class DistillationModule(L.LightningModule):
             self.student = AutoModelForCausalLM.from_config(AutoConfig.for_model(**self._student_config))
         else:
             self.student = load_model(self.student_spec, teacher=teacher)
+        self.student.train()  # a copy of an eval-mode teacher's blocks would otherwise stay in eval mode
         if teacher is not None:
             self._attach_teacher(teacher)
+        self._apply_strategy()
+
+    def _apply_strategy(self) -> None:
+        """Give both models the trainer's precision, then shard them if the strategy provides a device mesh.
+
+        Lightning converts only the LightningModule (the student) to a "-true" precision; the teacher is not a
+        submodule, so it is converted here. Both are converted *before* sharding, so that FSDP all-gathers them in
+        their training dtype. ModelParallelStrategy (FSDP2, configs/trainer/fsdp.yaml) sets ``device_mesh``.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return
+        trainer.precision_plugin.convert_module(self)
+        if self.teacher is not None:
+            trainer.precision_plugin.convert_module(self.teacher)
+        if self.device_mesh is not None:
+            options = sharding_options(trainer.strategy)
+            shard_models(self.student, self.teacher, self.projections, self.device_mesh, options)
 
     def _attach_teacher(self, teacher: PreTrainedModel) -> None:
         teacher.requires_grad_(False).eval()
@@ -236,8 +303,11 @@ class DistillationModule(L.LightningModule):
             self.projections.extend(nn.Linear(d_t, d_s, bias=False) for _ in self.student_layers)
 
     def _place_teacher(self) -> None:
-        if self.teacher is not None:
-            self.teacher.to(self.device).eval()
+        if self.teacher is None:
+            return
+        if not is_sharded(self.teacher):  # FSDP placed the shards: on the device, or offloaded to CPU
+            self.teacher.to(self.device)
+        self.teacher.eval()
 
     def on_fit_start(self) -> None:
         self._place_teacher()
@@ -271,7 +341,9 @@ class DistillationModule(L.LightningModule):
                 **inputs, use_cache=False, logits_to_keep=1
             )  # hidden states only: no (B, T, V) logits
         shift = lambda hidden: hidden[:, :-1]  # noqa: E731  (B, T-1, d)
-        terms.update(self._distillation_terms(s_hidden, t_hidden, shift, mask, student_depth, teacher_depth))
+        # the lens reads full final norm + unembedding weights: gathered when sharded; divergences in fp32
+        with gathered(self.student, self.teacher), _float32_default_dtype():
+            terms |= self._distillation_terms(s_hidden, t_hidden, shift, mask, student_depth, teacher_depth)
         return terms
 
     def _distillation_terms(
@@ -285,7 +357,7 @@ class DistillationModule(L.LightningModule):
                 self.teacher_final, mask, config.kd_divergence, **chunked, **config.kd_params,
             )  # fmt: skip
         if self.student_layers and (config.lens_weight or not self.training):
-            terms["lens"], per_pair = lens_loss(
+            terms["lens"], per_pair = LENS_IMPLEMENTATIONS[config.lens_impl](
                 [shift(s_hidden[i]) for i in self.student_layers], [shift(t_hidden[j]) for j in self.teacher_layers],
                 self.student_lens, self.teacher_lens, mask, config.lens_divergence, **chunked, **config.lens_params,
             )  # fmt: skip
@@ -347,26 +419,30 @@ class DistillationModule(L.LightningModule):
         self._accumulate_eval(batch)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Teacher-forced loss on labelled batches; generation + ROUGE-L on prompt-only (generation) batches."""
+        """Teacher-forced loss on labelled batches; answers under every generation seed on prompt-only batches."""
         if "labels" in batch:
             self._accumulate_eval(batch)
             return
-        predictions = self.generate_responses(batch)
-        name = batch["name"]
-        scores = rouge_l_per_example(predictions, batch["references"])
-        self._generation_scores.setdefault(name, []).extend(scores)
+        by_seed = self._answers.setdefault(batch["name"], {})
+        for seed in self.generation.seeds:
+            by_seed.setdefault(seed, []).extend(self.answer(batch, seed))
 
-    def generate_responses(self, batch: dict[str, Any]) -> list[str]:
-        """The student's responses to a left-padded prompt batch, with the configured sampling."""
+    def answer(self, batch: dict[str, Any], seed: int) -> list[GenerationRecord]:
+        """The configured model's answers to a left-padded prompt batch, sampled as configured under ``seed``."""
         settings = self.generation
-        return generate(
-            self.student, self.tokenizer, batch["input_ids"], batch["attention_mask"],
+        if settings.generator == "teacher" and self.teacher is None:
+            raise ValueError("generation.generator is 'teacher' but model.teacher is not set")
+        model = self.teacher if settings.generator == "teacher" else self.student
+        predictions = generate(
+            model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
             max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, top_k=settings.top_k,
-            top_p=settings.top_p, temperature=settings.temperature, seed=settings.seed,
+            top_p=settings.top_p, temperature=settings.temperature, seed=batch_seed(seed, batch["index"][0]),
+            synced_gpus=torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1,
         )  # fmt: skip
+        return records_from_batch(batch, predictions)
 
     def on_test_epoch_start(self) -> None:
-        self._generation_scores: dict[str, list[float]] = {}
+        self._answers: dict[str, dict[int, list[GenerationRecord]]] = {}  # set -> seed -> this rank's answers
 
     def _accumulate_eval(self, batch: dict[str, Tensor]) -> None:
         terms = self(batch)
@@ -381,15 +457,60 @@ class DistillationModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
+        if self.trainer.sanity_checking or not self.generation.every_n_val:
+            return
+        self._validations_done += 1
+        if self._validations_done % self.generation.every_n_val == 0:
+            self._log_validation_generation()
+
+    def _log_validation_generation(self) -> None:
+        """Answer (the first ``max_prompts``) validation prompts under the first seed, sharded over the ranks, and
+        log ``val/<metric>`` for checkpoint selection (the paper keeps the checkpoint with the best val ROUGE-L)."""
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "generation_dataloader"):
+            raise ValueError(
+                "generation.every_n_val > 0 needs the InstructionDataModule (its validation prompts)"
+            )
+        prompts = shard_loader(
+            datamodule.generation_dataloader("validation"),
+            self.global_rank, self.trainer.world_size, self.generation.max_prompts,
+        )  # fmt: skip
+        seed, records = self.generation.seeds[0], []
+        for batch in prompts:
+            records += self.answer(self.transfer_batch_to_device(batch, self.device, 0), seed)
+        for name, value in score_records(gather_records(records), self.generation.metrics).items():
+            self.log(f"val/{name}", value, sync_dist=True)  # the same value on every rank
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
-        for name, scores in self._generation_scores.items():
-            local = torch.tensor([sum(scores), len(scores)], dtype=torch.float64, device=self.device)
-            total = (
-                self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
-            )
-            self.log(f"test/{name}/rougeL", float(total[0] / total[1].clamp_min(1)))
+        if not self._answers:
+            return
+        runs = {
+            name: {seed: gather_records(records) for seed, records in by_seed.items()}
+            for name, by_seed in self._answers.items()
+        }  # every rank takes part in each gather, in the same (dataloader, seed) order
+        results = summarize_runs(runs, self.generation.metrics)
+        self._log_results(results)
+        if self.trainer.is_global_zero:
+            self._save_results(results, runs)
+
+    def _log_results(self, results: dict[str, Any]) -> None:
+        """``test/<set>/<metric>`` (mean over seeds) and ``.../<metric>_std``; ``test/average/...`` for several sets."""
+        rows = dict(results["sets"], **({"average": results["average"]} if len(results["sets"]) > 1 else {}))
+        for name, summary in rows.items():
+            for metric in results["metrics"]:
+                self.log(f"test/{name}/{metric}", summary["mean"][metric], sync_dist=True)
+                self.log(f"test/{name}/{metric}_std", summary["std"][metric], sync_dist=True)
+
+    def _save_results(
+        self, results: dict[str, Any], runs: dict[str, dict[int, list[GenerationRecord]]]
+    ) -> None:
+        """Print the table and write it (JSON, Markdown) with every answer (jsonl) to the run's eval folder."""
+        run_folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder = Path(self.generation.output_dir) if self.generation.output_dir else run_folder / "eval"
+        results = {"generator": self.generation.generator, "generation": asdict(self.generation), **results}
+        write_results(folder, results, runs)
+        print(f"\n{results_markdown(results)}results and answers written to {folder}")
 
     def _log_eval(self, stage: str) -> None:
         """Token means over the whole evaluation set (synchronised across ranks by the metrics)."""
@@ -439,6 +560,26 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], 
     return multiplier
 
 
+def _tokenizer_source(spec: ModelSpec | None) -> str | None:
+    return None if spec is None else (spec.tokenizer or spec.source)
+
+
+def check_same_tokenizer(student: ModelSpec, teacher: ModelSpec | None, student_tokenizer) -> None:
+    """When teacher and student name different tokenizers, their token-to-id maps must still be identical."""
+    student_source, teacher_source = _tokenizer_source(student), _tokenizer_source(teacher)
+    if student_source is None or teacher_source is None or student_source == teacher_source:
+        return
+    student_vocab = student_tokenizer.get_vocab()
+    teacher_vocab = load_tokenizer(teacher).get_vocab()
+    if student_vocab != teacher_vocab:
+        differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=str)[:1]
+        raise ValueError(
+            f"teacher tokenizer {teacher_source!r} and student tokenizer {student_source!r} differ "
+            f"({len(teacher_vocab)} vs {len(student_vocab)} tokens; e.g. {differing}); distillation needs the "
+            "same token ids"
+        )
+
+
 def check_same_vocabulary(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
     """Distillation compares distributions token by token: both models must index the same vocabulary."""
     s_vocab = student.get_output_embeddings().weight.shape[0]
@@ -448,6 +589,50 @@ def check_same_vocabulary(student: PreTrainedModel, teacher: PreTrainedModel) ->
             f"teacher and student vocabularies differ: teacher {type(teacher).__name__} has {t_vocab} tokens, "
             f"student {type(student).__name__} {s_vocab}; distillation needs the same tokenizer"
         )
+
+
+def _naive_lens_sum(
+    student_hidden: list[Tensor],
+    teacher_hidden: list[Tensor],
+    student_lens: LogitLens,
+    teacher_lens: LogitLens,
+    mask: Tensor,
+    divergence: str,
+    *,
+    chunk_size: int,
+    reduction: str,
+    **params: float,
+) -> tuple[Tensor, Tensor]:
+    """``naive_lens_loss`` with ``lens_loss``'s signature: the token sum (or mean) of the published code's lens.
+
+    ``chunk_size`` does not apply: the naive lens projects every position of every pair at once.
+    """
+    loss, per_pair = naive_lens_loss(
+        student_hidden, teacher_hidden, student_lens, teacher_lens, mask, divergence, **params
+    )
+    return (loss * mask.sum() if reduction == "sum" else loss), per_pair
+
+
+LENS_IMPLEMENTATIONS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "chunked": lens_loss,
+    "naive": _naive_lens_sum,
+}
+"""``LossConfig.lens_impl`` -> the lens-term function; both return (loss, per-pair token means)."""
+
+
+@contextlib.contextmanager
+def _float32_default_dtype() -> Iterator[None]:
+    """Run the objective with fp32 as torch's default dtype.
+
+    Lightning's bf16-true precision makes bf16 the default dtype during the step; buffers the losses create
+    (per-row divergences, token sums) would silently become bf16. The divergences must stay fp32.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:

@@ -298,3 +298,190 @@ def test_aggregate_over_seeds_rejects_inconsistent_metrics():
         aggregate_over_seeds([{"rougeL": 1.0, "em": 0.0}, {"rougeL": 2.0}])
     with pytest.raises(ValueError, match="empty"):
         aggregate_over_seeds([])
+
+
+# ----------------------------------------------------------------------------------------------- metric choice
+
+
+def test_check_metrics_names_unknown_metrics_and_accepts_known_ones():
+    evaluation.check_metrics(["rougeL", "exact_match"])
+    with pytest.raises(ValueError, match=r"\['bleu'\] are unknown"):
+        evaluation.check_metrics(["rougeL", "bleu"])
+    with pytest.raises(ValueError, match="at least one"):
+        evaluation.check_metrics([])
+
+
+def test_check_metrics_sbert_without_the_extra_tells_how_to_install(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "sentence_transformers" else real_find_spec(name, *a),
+    )
+    with pytest.raises(ImportError, match=r"pip install 'distillens\[sbert\]'"):
+        evaluation.check_metrics(["sbert"])
+
+
+# ----------------------------------------------------------------------------------------------- records and shards
+
+
+def record(
+    index: int, prediction: str = "", references=("ref",), prompt: str = "p"
+) -> evaluation.GenerationRecord:
+    return evaluation.GenerationRecord(index, prompt, tuple(references), prediction)
+
+
+def test_merge_shards_drops_repeats_keeps_the_earliest_shard_and_sorts_by_index():
+    # DistributedSampler over 5 examples and 2 ranks: rank 0 gets 0, 2, 4; rank 1 gets 1, 3 and a repeat of 0
+    shards = [
+        [record(0, "r0"), record(2, "r0"), record(4, "r0")],
+        [record(1, "r1"), record(3, "r1"), record(0, "r1 repeat")],
+    ]
+    merged = evaluation.merge_shards(shards)
+    assert [r.index for r in merged] == [0, 1, 2, 3, 4]
+    assert merged[0].prediction == "r0"
+
+
+def test_gather_records_without_a_process_group_sorts_and_deduplicates():
+    assert [r.index for r in evaluation.gather_records([record(2), record(0), record(2)])] == [0, 2]
+
+
+def test_records_from_batch_pairs_rows_with_predictions():
+    batch = {"index": [4, 7], "prompts": ["a", "b"], "references": [["x"], ["y", "z"]]}
+    records = evaluation.records_from_batch(batch, ["pa", "pb"])
+    assert records == [
+        evaluation.GenerationRecord(4, "a", ("x",), "pa"),
+        evaluation.GenerationRecord(7, "b", ("y", "z"), "pb"),
+    ]
+    with pytest.raises(ValueError, match="1 predictions for a batch of 2"):
+        evaluation.records_from_batch(batch, ["only one"])
+
+
+def test_batch_seed_differs_across_batches_and_seeds():
+    seeds = {evaluation.batch_seed(seed, first) for seed in (1, 2, 3) for first in (0, 8, 16)}
+    assert len(seeds) == 9
+
+
+def _index_loader(size: int, batch_size: int):
+    rows = [{"index": i} for i in range(size)]
+    return torch.utils.data.DataLoader(
+        rows, batch_size=batch_size, collate_fn=lambda f: [r["index"] for r in f]
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "world", "max_prompts", "expected"),
+    [
+        (7, 3, None, [[0, 3, 6], [1, 4, 0], [2, 5, 1]]),  # 9 slots: repeats of 0 and 1 pad the last ranks
+        (7, 2, 4, [[0, 2], [1, 3]]),  # the first 4 prompts only
+        (2, 3, None, [[0], [1], [0]]),  # fewer prompts than ranks: every rank still runs one batch
+        (5, 1, 10, [[0, 1, 2, 3, 4]]),  # a subset larger than the set is the whole set
+    ],
+)
+def test_shard_loader_gives_equal_shares_of_the_subset(size, world, max_prompts, expected):
+    loader = _index_loader(size, batch_size=2)
+    shares = [
+        [i for batch in evaluation.shard_loader(loader, rank, world, max_prompts) for i in batch]
+        for rank in range(world)
+    ]
+    assert shares == expected
+
+
+def test_shard_loader_rejects_a_non_positive_subset():
+    with pytest.raises(ValueError, match="max_prompts=0"):
+        evaluation.shard_loader(_index_loader(3, 1), 0, 1, max_prompts=0)
+
+
+# ----------------------------------------------------------------------------------------------- scores and tables
+
+
+def test_score_records_skips_records_without_references_and_scores_blank_answers_zero():
+    records = [
+        record(0, PREDICTIONS[0], REFERENCES[0]),
+        record(1, "", REFERENCES[1]),  # empty generation
+        record(2, PREDICTIONS[2], ()),  # no reference: no defined score
+        record(3, PREDICTIONS[3], ["", REFERENCES[3][0]]),  # an empty reference beside a real one
+    ]
+    expected = _reference_rouge_l(
+        [PREDICTIONS[0], "", PREDICTIONS[3]], [REFERENCES[0], REFERENCES[1], ["", REFERENCES[3][0]]]
+    )
+    scores = evaluation.score_records(records, ["rougeL", "exact_match"])
+    assert scores["rougeL"] == pytest.approx(np.mean(expected))
+    assert expected[1] == 0.0
+    assert scores["exact_match"] == 0.0
+    with pytest.raises(ValueError, match="none of the 1 generated answers"):
+        evaluation.score_records([record(0, "x", ())], ["rougeL"])
+
+
+def _runs():
+    """Two sets, three seeds: answers that differ per seed so that the std is not 0."""
+    runs = {}
+    for name, offset in (("dolly", 0), ("vicuna", 1)):
+        runs[name] = {
+            seed: [record(i, PREDICTIONS[(i + seed + offset) % 4], REFERENCES[i]) for i in range(4)]
+            for seed in (10, 20, 30)
+        }
+    return runs
+
+
+def test_summarize_runs_matches_rouge_score_and_numpy():
+    runs = _runs()
+    results = evaluation.summarize_runs(runs, ["rougeL"])
+    per_set_seed = {
+        name: [
+            np.mean(_reference_rouge_l([r.prediction for r in recs], [list(r.references) for r in recs]))
+            for recs in by_seed.values()
+        ]
+        for name, by_seed in runs.items()
+    }
+    for name, values in per_set_seed.items():
+        summary = results["sets"][name]
+        assert summary["mean"]["rougeL"] == pytest.approx(np.mean(values))
+        assert summary["std"]["rougeL"] == pytest.approx(np.std(values))
+        assert [summary["per_seed"][str(s)]["rougeL"] for s in (10, 20, 30)] == pytest.approx(values)
+        assert summary["examples"] == 4
+    average_per_seed = np.mean([per_set_seed["dolly"], per_set_seed["vicuna"]], axis=0)
+    assert results["average"]["mean"]["rougeL"] == pytest.approx(average_per_seed.mean())
+    assert results["average"]["std"]["rougeL"] == pytest.approx(average_per_seed.std())
+    assert results["seeds"] == [10, 20, 30]
+    assert np.std(per_set_seed["dolly"]) > 0  # the fixture really varies across seeds
+
+
+def test_summarize_runs_counts_empty_predictions_and_rejects_mismatched_seeds():
+    runs = {"a": {1: [record(0, ""), record(1, "  "), record(2, "ref")]}}
+    assert evaluation.summarize_runs(runs, ["rougeL"])["sets"]["a"]["empty_predictions"] == {"1": 2}
+    runs["b"] = {2: [record(0, "x")]}
+    with pytest.raises(ValueError, match="'b' has seeds"):
+        evaluation.summarize_runs(runs, ["rougeL"])
+
+
+def test_results_markdown_has_one_row_per_set_and_the_average():
+    results = evaluation.summarize_runs(_runs(), ["rougeL", "exact_match"])
+    lines = evaluation.results_markdown(results).splitlines()
+    assert lines[0] == "| set | examples | rougeL | exact_match |"
+    rows = {line.split("|")[1].strip(): line for line in lines[2:5]}
+    assert set(rows) == {"dolly", "vicuna", "average"}
+    dolly = results["sets"]["dolly"]
+    assert f"{dolly['mean']['rougeL']:.2f} ± {dolly['std']['rougeL']:.2f}" in rows["dolly"]
+    assert "3 generation seed(s) (10, 20, 30)" in lines[-1]
+
+
+def test_write_results_writes_json_markdown_and_answers(tmp_path):
+    import json
+
+    runs = _runs()
+    results = evaluation.summarize_runs(runs, ["rougeL"])
+    paths = evaluation.write_results(tmp_path / "eval", results, runs)
+    assert {p.name for p in paths} == {"results.json", "results.md"} | {
+        f"{name}.seed{seed}.jsonl" for name in runs for seed in (10, 20, 30)
+    }
+    assert json.loads((tmp_path / "eval" / "results.json").read_text()) == json.loads(json.dumps(results))
+    lines = (tmp_path / "eval" / "vicuna.seed20.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [row["index"] for row in rows] == [0, 1, 2, 3]
+    assert rows[1] == {
+        "index": 1,
+        "prompt": "p",
+        "references": REFERENCES[1],
+        "prediction": runs["vicuna"][20][1].prediction,
+    }

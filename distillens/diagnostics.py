@@ -1,0 +1,278 @@
+"""Lens diagnostics: at which depth the student's reading of a text departs from the teacher's (the paper's Figure 1).
+
+Every student hidden state i = 0..L_S (0 = embeddings) is compared with the teacher hidden state at the same
+*relative* depth, j(i) = round(i * L_T / L_S). This proportional mapping pairs embeddings with embeddings and last
+block with last block whatever the two depths are, so one curve shows where along its depth the student departs;
+comparing every teacher depth with one student layer would instead describe the teacher alone.
+
+At every supervised position (labels != -100, as in the objective) and every depth, the logit lens of both models
+gives a distribution over the vocabulary, from which come:
+
+- the divergence between them (Jensen-Shannon by default, the paper's lens divergence): how far apart they are;
+- the entropy of each: whether the student is more or less confident than the teacher at that depth;
+- top-1 agreement of each with the teacher's final prediction: from which depth each model "has" the answer.
+
+The lens always applies the model's final norm here (the proper logit lens), even when training reproduces the
+published code's lens without it. Everything is averaged over tokens and reported per depth.
+Nothing here depends on the training module: the validation callback and `distillens diagnose` share this code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from distillens.data import InstructionDataModule
+from distillens.export import student_from_checkpoint
+from distillens.lens import LogitLens
+from distillens.losses import get_token_divergence, log_probs
+from distillens.models import ModelSpec, load_model, load_tokenizer
+
+QUANTITIES = ("divergence", "student_entropy", "teacher_entropy", "student_top1", "teacher_top1")
+"""Per-depth values of a report, in the order they are accumulated."""
+
+
+@dataclass
+class LensReport:
+    """Per-depth diagnostics of one student against one teacher, averaged over `tokens` supervised tokens.
+
+    Entry k of each list belongs to student hidden state `student_layers[k]` and teacher hidden state
+    `teacher_layers[k]`. Entropies are in nats; top-1 agreements are fractions in [0, 1].
+    """
+
+    divergence_name: str
+    student_layers: list[int]
+    teacher_layers: list[int]
+    divergence: list[float]
+    student_entropy: list[float]
+    teacher_entropy: list[float]
+    student_top1: list[float]
+    teacher_top1: list[float]
+    tokens: int
+
+    def scalars(self, prefix: str = "lens_diag") -> dict[str, float]:
+        """Flat `<prefix>/<quantity>/s<i>_t<j>` values for a logger."""
+        pairs = list(zip(self.student_layers, self.teacher_layers, strict=True))
+        return {
+            f"{prefix}/{quantity}/s{i}_t{j}": value
+            for quantity in QUANTITIES
+            for (i, j), value in zip(pairs, getattr(self, quantity), strict=True)
+        }
+
+
+def proportional_depths(student_depth: int, teacher_depth: int) -> list[int]:
+    """Teacher hidden-state index at the same relative depth as each student index 0..student_depth."""
+    if student_depth < 1 or teacher_depth < 1:
+        raise ValueError(f"depths must be >= 1 block; got student {student_depth}, teacher {teacher_depth}")
+    return [round(i * teacher_depth / student_depth) for i in range(student_depth + 1)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Computing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def lens_diagnostics(
+    student: LogitLens,
+    teacher: LogitLens,
+    batches: Iterable[dict[str, Tensor]],
+    *,
+    divergence: str = "jsd",
+    chunk_size: int = 256,
+) -> LensReport:
+    """Diagnostics over teacher-forced `batches` (dicts with `input_ids`, `attention_mask`, `labels`).
+
+    Only supervised positions are projected to the vocabulary, `chunk_size` rows at a time, so memory holds a few
+    (chunk_size, V) blocks whatever the number of tokens or depths.
+    """
+    token_divergence = get_token_divergence(divergence)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: must be at least 1")
+    student_layers = list(range(student.num_layers + 1))
+    teacher_layers = proportional_depths(student.num_layers, teacher.num_layers)
+    sums = torch.zeros(len(QUANTITIES), len(student_layers), dtype=torch.float64)  # (Q, L_S + 1)
+    tokens = 0
+    with _eval_mode(student.model), _eval_mode(teacher.model):
+        for batch in batches:
+            s_rows = _supervised_rows(student, batch, student_layers)  # layer -> (N, d_S)
+            t_rows = _supervised_rows(teacher, batch, sorted({*teacher_layers, teacher.num_layers}))
+            tokens += len(s_rows[0])
+            for start in range(0, len(s_rows[0]), chunk_size):
+                rows = slice(start, start + chunk_size)
+                answer = teacher.logits(t_rows[teacher.num_layers][rows]).argmax(-1)  # (n,)
+                for k, (i, j) in enumerate(zip(student_layers, teacher_layers, strict=True)):
+                    sums[:, k] += _chunk_sums(
+                        student.logits(s_rows[i][rows]),
+                        teacher.logits(t_rows[j][rows]),
+                        answer,
+                        token_divergence,
+                    )
+    if tokens == 0:
+        raise ValueError("no supervised token in the batches: every label is -100, nothing to diagnose")
+    means = (sums / tokens).tolist()
+    return LensReport(divergence, student_layers, teacher_layers, *means, tokens=tokens)
+
+
+def _supervised_rows(lens: LogitLens, batch: dict[str, Tensor], layers: list[int]) -> dict[int, Tensor]:
+    """Raw hidden states of `layers` at the positions that predict a supervised token, as (N, d) rows."""
+    device = next(lens.model.parameters()).device
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    predicts_label = batch["labels"][:, 1:].to(device) != -100  # (B, T-1): position t predicts token t+1
+    with lens.capture(layers) as hidden:
+        lens.model(**inputs, use_cache=False, logits_to_keep=1)  # hidden states only, no (B, T, V) logits
+    return {i: hidden[i][:, :-1][predicts_label] for i in layers}  # (N, d)
+
+
+def _chunk_sums(student_logits: Tensor, teacher_logits: Tensor, answer: Tensor, token_divergence) -> Tensor:
+    """Sums over a chunk's rows of each quantity in QUANTITIES; logits (n, V), answer (n,) -> (Q,)."""
+    logp_s, logp_t = log_probs(student_logits), log_probs(teacher_logits)  # (n, V) fp32
+    return torch.stack(
+        [
+            token_divergence(student_logits, teacher_logits).sum(),
+            _entropy(logp_s).sum(),
+            _entropy(logp_t).sum(),
+            (logp_s.argmax(-1) == answer).sum(),
+            (logp_t.argmax(-1) == answer).sum(),
+        ]
+    ).to(device="cpu", dtype=torch.float64)  # (Q,)
+
+
+def _entropy(logp: Tensor) -> Tensor:
+    return -(logp.exp() * logp).sum(-1)  # (n,)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for the block, then the caller's mode back: training may resume right after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figure and files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def plot_lens_diagnostics(report: LensReport) -> Figure:
+    """Three panels over the student's depth: divergence, entropies, top-1 agreement with the teacher's answer.
+
+    Built with matplotlib's object API on an Agg canvas: no pyplot state and no display needed.
+    """
+    figure = Figure(figsize=(13, 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    depth = report.student_layers
+    ticks = [f"{i}\n(T{j})" for i, j in zip(report.student_layers, report.teacher_layers, strict=True)]
+    panels = figure.subplots(1, 3)
+    panels[0].plot(depth, report.divergence, marker="o", color="tab:red")
+    panels[0].set_ylabel(f"{report.divergence_name} (nats)")
+    panels[0].set_title("student vs teacher lens")
+    for panel, quantity, title, unit in (
+        (panels[1], "entropy", "lens entropy", "nats"),
+        (panels[2], "top1", "top-1 = teacher's final top-1", "fraction of tokens"),
+    ):
+        panel.plot(depth, getattr(report, f"student_{quantity}"), marker="o", label="student")
+        panel.plot(
+            depth, getattr(report, f"teacher_{quantity}"), marker="s", label="teacher (same rel. depth)"
+        )
+        panel.set_title(title)
+        panel.set_ylabel(unit)
+        panel.legend(fontsize="small")
+    panels[2].set_ylim(-0.02, 1.02)
+    for panel in panels:
+        panel.set_xticks(depth, ticks, fontsize="small")
+        panel.set_xlabel("student layer (teacher layer)")
+        panel.grid(alpha=0.3)
+    figure.suptitle(f"Logit-lens diagnostics over {report.tokens} supervised tokens")
+    return figure
+
+
+def save_lens_diagnostics(
+    report: LensReport, out_dir: str | Path, name: str = "lens_diagnostics"
+) -> tuple[Path, Path]:
+    """Write `<name>.png` (the figure) and `<name>.json` (the report) in `out_dir`; return both paths."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    png, report_json = folder / f"{name}.png", folder / f"{name}.json"
+    plot_lens_diagnostics(report).savefig(png, dpi=110)
+    report_json.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return png, report_json
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Any two models on a data file (`distillens diagnose`)
+# ---------------------------------------------------------------------------------------------------------------
+
+LAYERS_PREFIX = "layers:"
+"""A student spec `layers:0,6,29` is a fresh copy of those teacher blocks (a student before distillation)."""
+
+
+def load_student(spec: str, teacher: PreTrainedModel) -> PreTrainedModel:
+    """A student from a `distillens fit` checkpoint (.ckpt), `layers:i,j,...` of the teacher, or a model source."""
+    if spec.endswith(".ckpt"):
+        return student_from_checkpoint(spec)[0]
+    if spec.startswith(LAYERS_PREFIX):
+        text = spec.removeprefix(LAYERS_PREFIX)
+        try:
+            layers = [int(part) for part in text.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"student spec {spec!r}: expected layers:i,j,... with integer block indices"
+            ) from None
+        return load_model(ModelSpec(init_from_teacher_layers=layers), teacher=teacher)
+    return load_model(ModelSpec(source=spec))
+
+
+def labelled_batches(data: str, tokenizer, **data_options: Any) -> Iterable[dict[str, Tensor]]:
+    """Teacher-forced batches of a data file (any format the data module reads), through its validation path."""
+    datamodule = InstructionDataModule(validation=data, **data_options)
+    datamodule.connect(tokenizer)
+    datamodule.setup("validate")
+    return datamodule.val_dataloader()
+
+
+def diagnose(
+    teacher: str,
+    student: str,
+    data: str,
+    out_dir: str | Path,
+    *,
+    divergence: str = "jsd",
+    **data_options: Any,
+) -> tuple[Path, Path]:
+    """Load both models (see `load_student` for the student's forms), diagnose them on `data`, write PNG + JSON.
+
+    `data_options` go to InstructionDataModule (max_samples, batch_size, max_length, template, cache_dir...).
+    """
+    teacher_spec = ModelSpec(source=teacher)
+    teacher_model = load_model(teacher_spec)
+    student_model = load_student(student, teacher_model)
+    _check_same_vocabulary(student_model, teacher_model)
+    batches = labelled_batches(data, load_tokenizer(teacher_spec), **data_options)
+    report = lens_diagnostics(
+        LogitLens(student_model), LogitLens(teacher_model), batches, divergence=divergence
+    )
+    return save_lens_diagnostics(report, out_dir)
+
+
+def _check_same_vocabulary(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
+    s_vocab = student.get_output_embeddings().weight.shape[0]
+    t_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if s_vocab != t_vocab:
+        raise ValueError(
+            f"student vocabulary ({s_vocab} tokens) differs from the teacher's ({t_vocab}): not comparable"
+        )
