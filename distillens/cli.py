@@ -1,8 +1,9 @@
 """`distillens fit|validate|test|predict --config ...` through LightningCLI, plus `distillens export` and
 `distillens diagnose`.
 
-Errors a user can cause (a bad path, an unknown loss name, mismatched vocabularies, bad layer pairs) print one line
-and exit with status 1; ``--debug`` (or DISTILLENS_DEBUG=1) shows the full traceback instead.
+Errors a user can cause (a bad path, an unknown loss name, mismatched vocabularies, bad layer pairs, a malformed
+config) print one line on stderr and exit with status 1; ``--debug`` (or DISTILLENS_DEBUG=1) shows the full traceback
+instead. Progress messages go to stdout, so a failed run leaves exactly that one line on stderr.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
+import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
@@ -27,7 +30,10 @@ USER_ERRORS = (
     KeyError,
     ImportError,
     RuntimeError,
+    argparse.ArgumentError,  # jsonargparse's parsing errors (the parser raises them: exit_on_error=False)
 )
+CONFIG_FLAGS = ("--config", "-c")
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")  # each has a stderr handler
 
 
 class DistillensCLI(LightningCLI):
@@ -47,7 +53,11 @@ def run_cli(args: list[str] | None = None) -> DistillensCLI:
         InstructionDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "DistillLens distillation on PyTorch Lightning (arXiv 2602.13567)."},
+        auto_configure_optimizers=False,  # the module builds its own AdamW + warm-up/cosine schedule
+        parser_kwargs={
+            "description": "DistillLens distillation on PyTorch Lightning (arXiv 2602.13567).",
+            "exit_on_error": False,  # raise, so that main() reports one line instead of the usage text
+        },
     )
 
 
@@ -91,6 +101,94 @@ def diagnose_command(args: list[str]) -> None:
     print(f"lens diagnostics written to {png} and {report}")
 
 
+def check_config_files(args: list[str]) -> None:
+    """Parse every existing ``--config`` file first, so that malformed YAML is reported with its file and line
+    (jsonargparse names only ``<unicode string>``); missing files are left to jsonargparse, which names them."""
+    for index, flag in enumerate(args):
+        value = args[index + 1] if flag in CONFIG_FLAGS and index + 1 < len(args) else None
+        if flag.startswith("--config="):
+            value = flag.split("=", 1)[1]
+        if value is None or not Path(value).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error)
+            raise ValueError(f"{value}{where}: malformed YAML ({problem})") from None
+
+
+def error_line(error: BaseException) -> str:
+    """One line saying what went wrong, from an exception whose message may span many lines.
+
+    jsonargparse reports a bad value of an optional field (``X | None``) as "Does not validate against any of the
+    Union subtypes", then one "- reason" per subtype: the reasons not about ``None`` are the real ones.
+    """
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    prefix = ""
+    # jsonargparse names the option first: 'Parser key "trainer.max_steps":', alone or before the reason
+    if key := re.match(r'Parser key "([^"]+)":\s*', lines[0]):
+        prefix, lines[0] = f"{key.group(1)}: ", lines[0][key.end() :]
+        lines = [line for line in lines if line]
+    if lines and lines[0].startswith("Does not validate against any of the Union subtypes"):
+        reasons = _union_reasons(lines)
+        if reasons:
+            return prefix + "; ".join(reasons)
+    return prefix + " ".join(lines)
+
+
+def _union_reasons(lines: list[str]) -> list[str]:
+    """The lines between "Errors:" and "Given value", without the None subtype's and class-path headers."""
+    start = lines.index("Errors:") + 1 if "Errors:" in lines else len(lines)
+    stop = next((i for i, line in enumerate(lines) if line.startswith("Given value")), len(lines))
+    return [
+        line.removeprefix("- ")
+        for line in lines[start:stop]
+        if "NoneType" not in line and not line.startswith("- Problem with given class_path")
+    ]
+
+
+class _CurrentStream(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stdout``/``sys.stderr`` is when a record comes (tests swap them)."""
+
+    def __init__(self, name: str) -> None:
+        self.stream_name = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # always the current sys stream
+
+
+def route_logging() -> None:
+    """Progress messages (below WARNING) to stdout, warnings and errors to stderr; once per process.
+
+    Lightning gave its loggers their own stderr handlers when it was imported (the root logger had none yet):
+    they now propagate to the root handlers instead, as Lightning does when the root logger is configured first.
+    Other libraries log warnings only, which belong on stderr anyway.
+    """
+    root = logging.getLogger()
+    if not any(isinstance(handler, _CurrentStream) for handler in root.handlers):
+        progress, problems = _CurrentStream("stdout"), _CurrentStream("stderr")
+        progress.addFilter(lambda record: record.levelno < logging.WARNING)
+        problems.setLevel(logging.WARNING)
+        for handler in (progress, problems):
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point."""
     from_command_line = args is None
@@ -99,8 +197,9 @@ def main(args: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     if from_command_line:
         sys.argv = sys.argv[:1] + args  # LightningCLI reads sys.argv itself
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    route_logging()
     try:
+        check_config_files(args)
         if args[:1] == ["export"]:
             export_command(args[1:])
         elif args[:1] == ["diagnose"]:
@@ -110,8 +209,7 @@ def main(args: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         if debug:
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"distillens: error: {message} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"distillens: error: {error_line(error)} (run with --debug for the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
 
 

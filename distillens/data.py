@@ -600,7 +600,9 @@ class ResumableDataLoader(DataLoader):
             rebuilds the loader from its arguments when it inserts a distributed sampler.
     """
 
-    def __init__(self, dataset: Any, *args: Any, resume_at: dict[str, int] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: Any, *args: Any, resume_at: dict[str, int] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(dataset, *args, **kwargs)
         self.resume_at = dict(resume_at) if resume_at else None
         self._position = {"epoch": 0, "batches": 0}

@@ -1,0 +1,336 @@
+"""The real CLI on configs/tiny.yaml: fit, validate, test, export, help pages, and one-line errors for bad input.
+
+Runs are driven in-process through `distillens.cli` (importing torch and Lightning again in a subprocess costs
+~10 s); the installed entry point's exit status and stderr are checked once in a real process.
+Every output goes under pytest's tmp_path, never into the repository's logs/.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distillens.cli import error_line, main, run_cli
+from distillens.module import DistillationModule
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+DATA = REPO / "data" / "instructions"
+DISTILLENS = Path(sys.executable).with_name("distillens")  # the console script of this environment
+ERROR_PREFIX = "distillens: error: "
+MAX_STEPS = 6  # configs/tiny.yaml
+
+
+def tiny_args(run_dir: Path, cache_dir: Path, *overrides: str) -> list[str]:
+    """configs/tiny.yaml with absolute data paths and every output under run_dir.
+
+    Validation every 3 steps across epochs (not only within one), so that the final step is validated and
+    checkpointed too and last.ckpt holds the trained student. Test-time generation is cut to one seed and one
+    batch: `distillens test --ckpt_path` takes the model's settings from the checkpoint, so they are set here.
+    """
+    return [
+        "--config", str(TINY),
+        "--trainer.logger.init_args.save_dir", str(run_dir),
+        "--trainer.check_val_every_n_epoch", "null",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.limit_test_batches", "1",
+        "--model.generation.seeds", "[10]",
+        "--data.train", str(DATA / "train.jsonl"),
+        "--data.validation", str(DATA / "validation.jsonl"),
+        "--data.test", str(DATA / "test.jsonl"),
+        "--data.cache_dir", str(cache_dir),
+        *overrides,
+    ]  # fmt: skip
+
+
+def run_distillens(args: list[str]):
+    """run_cli as the console script runs it (LightningCLI warns when sys.argv holds pytest's arguments)."""
+    with mock.patch.object(sys, "argv", ["distillens"]):
+        return run_cli(args)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """Tokenised splits shared by this module's runs (tokenising is quick, but not free)."""
+    return tmp_path_factory.mktemp("token-cache")
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, cache_dir):
+    """One `distillens fit` of the tiny config; the tests below inspect what it logged and wrote."""
+    run_dir = tmp_path_factory.mktemp("fit")
+    return run_distillens(["fit", *tiny_args(run_dir, cache_dir)]), run_dir / "tiny"
+
+
+def sample_inputs(vocab_size: int) -> dict[str, torch.Tensor]:
+    input_ids = torch.randint(0, vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))  # (B, T)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def logits_of(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**inputs).logits  # (B, T, V)
+
+
+# ------------------------------------------------------------------------------------------------ fit
+
+
+def test_fit_trains_to_max_steps_and_logs_train_and_val_losses(fitted):
+    cli, _ = fitted
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == MAX_STEPS
+    for name in ("train/loss", "train/kd", "train/lens", "val/loss", "val/kd", "val/lens"):
+        assert name in metrics, f"{name} not logged; logged: {sorted(metrics)}"
+        assert torch.isfinite(metrics[name]), f"{name} = {metrics[name]}"
+
+
+def test_fit_writes_the_run_folder(fitted):
+    _, run = fitted
+    assert list(run.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    for name in ("config.yaml", "hparams.yaml", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), f"{run / name} missing"
+    assert (run / "student" / "model.safetensors").is_file()
+    assert (run / "student" / "tokenizer.json").is_file()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == MAX_STEPS
+
+
+def test_checkpoint_holds_the_student_and_no_teacher(fitted):
+    cli, run = fitted
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    keys = set(checkpoint["state_dict"])
+    assert not [k for k in keys if "teacher" in k]
+    student_keys = {f"student.{k}" for k in cli.model.student.state_dict()}
+    assert student_keys <= keys
+    assert checkpoint["global_step"] == MAX_STEPS
+    final = cli.model.student.state_dict()
+    for key, value in final.items():
+        torch.testing.assert_close(checkpoint["state_dict"][f"student.{key}"], value, rtol=0, atol=0)
+
+
+def test_end_of_fit_export_reloads_with_the_same_logits(fitted):
+    cli, run = fitted
+    exported = AutoModelForCausalLM.from_pretrained(run / "student")
+    tokenizer = AutoTokenizer.from_pretrained(run / "student")
+    assert tokenizer.eos_token == cli.model.tokenizer.eos_token
+    inputs = sample_inputs(exported.config.vocab_size)
+    torch.testing.assert_close(logits_of(exported, inputs), logits_of(cli.model.student, inputs))
+
+
+def test_export_command_from_a_checkpoint_gives_the_checkpoints_logits(fitted, tmp_path, capsys):
+    _, run = fitted
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    main(["export", str(checkpoint), str(tmp_path / "exported")])
+    assert "exported" in capsys.readouterr().out
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    restored = DistillationModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    inputs = sample_inputs(exported.config.vocab_size)
+    torch.testing.assert_close(logits_of(exported, inputs), logits_of(restored.student, inputs))
+
+
+# ------------------------------------------------------------------------------------------------ validate, test
+
+
+def test_validate_reproduces_the_validation_loss_of_fit(fitted, tmp_path, cache_dir):
+    """The final checkpoint's validation loss, as fit recorded it in the checkpoint callback's state."""
+    _, run = fitted
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    recorded = torch.load(checkpoint, weights_only=True)["callbacks"]
+    (score,) = [
+        state["current_score"] for key, state in recorded.items() if key.startswith("ModelCheckpoint")
+    ]
+    metrics = run_distillens(
+        ["validate", *tiny_args(tmp_path, cache_dir), "--ckpt_path", str(checkpoint)]
+    ).trainer.callback_metrics
+    torch.testing.assert_close(metrics["val/loss"], score.float(), rtol=1e-5, atol=0)
+
+
+def test_test_scores_generations_on_each_test_set(fitted, tmp_path, cache_dir):
+    _, run = fitted
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    metrics = run_distillens(
+        ["test", *tiny_args(tmp_path, cache_dir), "--ckpt_path", str(checkpoint)]
+    ).trainer.callback_metrics
+    scores = {k: float(v) for k, v in metrics.items() if k.endswith("/rougeL")}
+    # a set is named after its file, or after its folder for generic names: data/instructions/test.jsonl
+    assert list(scores) == ["test/instructions/rougeL"], f"logged: {sorted(metrics)}"
+    assert 0.0 <= scores["test/instructions/rougeL"] <= 100.0
+
+
+# ------------------------------------------------------------------------------------------------ help
+
+
+def run_in_process(args: list[str], capsys) -> tuple[int, str, str]:
+    """main(args) as the console script would run it: (exit status, stdout, stderr)."""
+    try:
+        with mock.patch.object(sys, "argv", ["distillens"]):
+            main(args)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+HELP_ENTRY = re.compile(r"^  (-[^\s,]+)")  # an option's first line in an argparse help page
+
+
+def undocumented_options(help_text: str) -> list[str]:
+    """Options whose help is empty or only jsonargparse's "(type: ..., default: ...)" note."""
+    blocks: dict[str, str] = {}
+    option = None
+    for line in help_text.splitlines():
+        if match := HELP_ENTRY.match(line):
+            option = match.group(1)
+            invocation_and_help = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+            blocks[option] = invocation_and_help[1] if len(invocation_and_help) > 1 else ""
+        elif option is not None and line.startswith("    "):
+            blocks[option] += " " + line.strip()
+        else:
+            option = None
+    assert blocks, "no options found in the help page"
+    return sorted(name for name, text in blocks.items() if not text.split("(type:")[0].strip())
+
+
+def test_fit_help_documents_every_option(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_in_process(["fit", "--help"], capsys)
+    assert code == 0
+    for option in ("--data.train", "--model.loss", "--trainer.max_steps", "--ckpt_path"):
+        assert option in out
+    # the module configures its own optimizer and schedule: LightningCLI's would silently replace them
+    assert "--optimizer" not in out and "--lr_scheduler" not in out
+    assert undocumented_options(out) == []
+
+
+def test_print_config_shows_overrides(capsys, tmp_path):
+    args = ["fit", *tiny_args(tmp_path, tmp_path), "--model.loss.kd_divergence", "jsd", "--print_config"]
+    code, out, _ = run_in_process(args, capsys)
+    assert code == 0
+    config = yaml.safe_load(out)
+    assert config["model"]["loss"]["kd_divergence"] == "jsd"
+    assert config["data"]["train"] == str(DATA / "train.jsonl")
+    assert not (tmp_path / "tiny").exists(), "--print_config must not run anything"
+
+
+def test_top_level_help_lists_the_subcommands(capsys):
+    code, out, _ = run_in_process(["--help"], capsys)
+    assert code == 0
+    for subcommand in ("fit", "validate", "test", "predict"):
+        assert subcommand in out
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def malformed_yaml(tmp_path) -> Path:
+    path = tmp_path / "broken.yaml"
+    path.write_text("trainer:\n  max_steps: [1, 2\n  devices: 1\n")
+    return path
+
+
+BAD_INPUTS = {
+    # case: (overrides, text the error line must contain)
+    "unknown loss name": (["--model.loss.kd_divergence", "kl_typo"], "kl_typo"),
+    "unknown option": (["--model.loss.kd_wieght", "1"], "kd_wieght"),
+    "missing data file": (["--data.train", "{tmp}/missing.jsonl"], "missing.jsonl"),
+    "vocabulary mismatch": (["--model.student.config.vocab_size", "1000"], "vocabularies differ"),
+    "layer pair counts": (["--model.layers.student", "[1, 2]"], "2 student layers"),
+    "layer out of range": (["--model.layers.student", "[5]"], "out of range"),
+    "unknown model id": (
+        ["--model.teacher.config", "null", "--model.teacher.source", "nobody/no-such-model"],
+        "nobody/no-such-model",
+    ),
+    "malformed yaml": (["--config", "{yaml}"], "broken.yaml line 3"),
+    "missing config file": (["--config", "{tmp}/absent.yaml"], "absent.yaml"),
+}
+
+
+def bad_args(case: str, tmp_path: Path, cache_dir: Path, yaml_path: Path) -> tuple[list[str], str]:
+    overrides, expected = BAD_INPUTS[case]
+    overrides = [o.format(tmp=tmp_path, yaml=yaml_path) for o in overrides]
+    return ["fit", *tiny_args(tmp_path, cache_dir, *overrides)], expected
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_error_line(case, tmp_path, cache_dir, malformed_yaml, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args, expected = bad_args(case, tmp_path, cache_dir, malformed_yaml)
+    code, _, err = run_in_process(args, capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), f"stderr was:\n{err}"
+    assert expected in lines[0]
+
+
+@pytest.mark.parametrize("case", ["vocabulary mismatch", "malformed yaml"])
+def test_bad_input_raises_with_debug(case, tmp_path, cache_dir, malformed_yaml, monkeypatch):
+    """--debug lets the exception out of main(), so Python prints its traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args, expected = bad_args(case, tmp_path, cache_dir, malformed_yaml)
+    with pytest.raises(Exception, match=re.escape(expected)), mock.patch.object(sys, "argv", ["distillens"]):
+        main([*args, "--debug"])
+
+
+@pytest.mark.parametrize(
+    ("message", "line"),
+    [
+        ("a\n  b\n", "a b"),
+        (
+            'Parser key "trainer.max_steps":\n  Expected an int. Got value: abc',
+            "trainer.max_steps: Expected an int. Got value: abc",
+        ),
+        ("Parser key \"config\": File does not exist: 'x.yaml'", "config: File does not exist: 'x.yaml'"),
+        (
+            "Does not validate against any of the Union subtypes\nSubtypes: [A, NoneType]\nErrors:\n"
+            "  - A: bad source\n  - Expected a <class 'NoneType'>\nGiven value type: dict\nGiven value: {}",
+            "A: bad source",
+        ),
+    ],
+)
+def test_error_line_keeps_the_reason_of_a_multi_line_message(message, line):
+    assert error_line(ValueError(message)) == line
+
+
+def test_console_script_exits_with_status_1_and_one_stderr_line(tmp_path, cache_dir, malformed_yaml):
+    """The installed entry point in a real process (the in-process tests above cannot see the exit status)."""
+    args, expected = bad_args("malformed yaml", tmp_path, cache_dir, malformed_yaml)
+    done = subprocess.run([DISTILLENS, *args], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1
+    assert done.stderr.startswith(ERROR_PREFIX) and done.stderr.count("\n") == 1, done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------ the default run
+
+
+@pytest.mark.slow
+def test_default_config_trains_end_to_end(tmp_path):
+    """configs/default.yaml as shipped (SmolLM2-135M teacher, 6-block student), cut to two short steps."""
+    args = [
+        "fit", "--config", str(REPO / "configs" / "default.yaml"),
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--data.train", str(DATA / "train.jsonl"), "--data.validation", str(DATA / "validation.jsonl"),
+        "--data.test", str(DATA / "test.jsonl"), "--data.cache_dir", str(tmp_path / "cache"),
+        "--data.max_samples", "16", "--data.batch_size", "2", "--data.max_length", "128",
+        "--data.max_prompt_length", "96",
+    ]  # fmt: skip
+    trainer = run_distillens(args).trainer
+    assert trainer.global_step == 2
+    for name in ("train/loss", "val/loss"):
+        assert torch.isfinite(trainer.callback_metrics[name]), name
+    run = tmp_path / "default"
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not [key for key in checkpoint["state_dict"] if "teacher" in key]
+    student = AutoModelForCausalLM.from_pretrained(run / "student")
+    assert student.config.num_hidden_layers == 6  # model.student.init_from_teacher_layers

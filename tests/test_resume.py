@@ -1,0 +1,165 @@
+"""Resuming `distillens fit` continues at the exact step, with optimizer, schedule and data position restored.
+
+The proof is the logged curves: from the step it resumes at, a resumed run must log the train/loss and learning
+rate of an uninterrupted run with the same config, step for step. Training batches are shuffled and the tiny data
+has five of them per epoch, so a wrong data position, a fresh optimizer or a restarted schedule all change the
+losses. Resumes happen from a checkpoint path (mid-epoch) and with `--ckpt_path last` after `kill -9` of a real
+`distillens fit` process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distillens.cli import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "instructions"
+DISTILLENS = Path(sys.executable).with_name("distillens")
+MAX_STEPS = 8  # the tiny data makes 5 batches per epoch: the run crosses an epoch boundary
+CURVES = ("train/loss", "lr-AdamW/pg1")  # LearningRateMonitor names the rate of each parameter group
+KILL_AFTER_STEP = 3
+
+
+def resume_config(folder: Path, cache_dir: Path) -> Path:
+    """configs/tiny.yaml for MAX_STEPS steps, checkpointing (and keeping) every step, outputs under folder."""
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    trainer = config["trainer"]
+    trainer.update(max_steps=MAX_STEPS, enable_progress_bar=False)
+    trainer["logger"]["init_args"]["save_dir"] = str(folder)
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "every_n_train_steps": 1,
+            "save_top_k": -1,
+            "save_last": True,
+            "filename": "step{step}",
+            "auto_insert_metric_name": False,
+        },
+    }
+    kept = [c for c in trainer["callbacks"] if c["class_path"].endswith("LearningRateMonitor")]
+    trainer["callbacks"] = [checkpoint, *kept]
+    config["data"].update(
+        train=str(DATA / "train.jsonl"), validation=str(DATA / "validation.jsonl"), cache_dir=str(cache_dir)
+    )
+    config["data"].pop("test", None)
+    path = folder / "resume.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def fit(config: Path, *extra: str):
+    with mock.patch.object(sys, "argv", ["distillens"]):  # pytest's own arguments are not the CLI's
+        return run_cli(["fit", "--config", str(config), *extra])
+
+
+def curves(event_files: list[Path]) -> dict[str, dict[int, float]]:
+    """Each curve of CURVES as {step: value}, read from TensorBoard event files."""
+    found: dict[str, dict[int, float]] = {name: {} for name in CURVES}
+    for path in event_files:
+        events = EventAccumulator(str(path))
+        events.Reload()
+        for name in CURVES:
+            found[name].update({event.step: event.value for event in events.Scalars(name)})
+    return found
+
+
+def event_files(run: Path) -> set[Path]:
+    return set(run.glob("events.out.tfevents.*"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("token-cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    """The reference: MAX_STEPS steps in one go. Returns (its run folder, its curves, batches per epoch)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    cli = fit(resume_config(folder, cache_dir))
+    assert cli.trainer.global_step == MAX_STEPS
+    run = folder / "tiny"
+    return run, curves(sorted(event_files(run))), cli.trainer.num_training_batches
+
+
+def assert_continues(
+    resumed: dict[str, dict[int, float]], reference: dict[str, dict[int, float]], start: int
+):
+    """The resumed curves cover exactly steps start..MAX_STEPS-1 and equal the reference there."""
+    for name in CURVES:
+        assert sorted(resumed[name]) == list(range(start, MAX_STEPS)), (
+            f"{name} logged at {sorted(resumed[name])}"
+        )
+        for step, value in resumed[name].items():
+            assert value == pytest.approx(reference[name][step], rel=1e-6, abs=0), f"{name} at step {step}"
+
+
+def test_checkpoints_record_the_data_position(uninterrupted):
+    """Step s ends batch (s-1) % n + 1 of epoch (s-1) // n, n batches per epoch."""
+    run, _, per_epoch = uninterrupted
+    for step in range(1, MAX_STEPS + 1):
+        checkpoint = torch.load(run / "checkpoints" / f"step{step}.ckpt", weights_only=True)
+        expected = {"epoch": (step - 1) // per_epoch, "batches": (step - 1) % per_epoch + 1}
+        assert checkpoint["InstructionDataModule"]["train_position"] == expected, f"step {step}"
+
+
+@pytest.mark.parametrize("step", [3, 5], ids=["mid-epoch", "end-of-epoch"])  # 5 batches per epoch
+def test_resume_from_a_checkpoint_path_continues_the_curves(step, uninterrupted, tmp_path, cache_dir):
+    run, reference, _ = uninterrupted
+    cli = fit(
+        resume_config(tmp_path, cache_dir), "--ckpt_path", str(run / "checkpoints" / f"step{step}.ckpt")
+    )
+    assert cli.trainer.global_step == MAX_STEPS
+    assert_continues(curves(sorted(event_files(tmp_path / "tiny"))), reference, start=step)
+
+
+def wait_for(path: Path, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert process.poll() is None, f"distillens fit ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{path} not written within {timeout_s} s"
+        time.sleep(0.2)
+
+
+def test_resume_after_kill_9_continues_the_curves(uninterrupted, tmp_path, cache_dir):
+    _, reference, _ = uninterrupted
+    config = resume_config(tmp_path, cache_dir)
+    checkpoints = tmp_path / "tiny" / "checkpoints"
+    log = tmp_path / "killed.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [DISTILLENS, "fit", "--config", str(config)],
+            cwd=REPO,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, killed as a whole
+        )
+    try:
+        wait_for(checkpoints / f"step{KILL_AFTER_STEP}.ckpt", process, log, timeout_s=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # already gone if it failed
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    # last.ckpt is written after step{s}.ckpt, so the kill may come before it holds step KILL_AFTER_STEP
+    killed_at = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < killed_at < MAX_STEPS, "the run must be killed in the middle"
+
+    before = event_files(tmp_path / "tiny")
+    cli = fit(config, "--ckpt_path", "last")
+    assert cli.trainer.global_step == MAX_STEPS
+    resumed = curves(sorted(event_files(tmp_path / "tiny") - before))
+    assert_continues(resumed, reference, start=killed_at)
