@@ -20,8 +20,7 @@ Nothing here depends on the training module: the validation callback and `distil
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,11 @@ from typing import Any
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import PreTrainedModel
 
 from distillens.data import InstructionDataModule
+from distillens.evaluation import eval_mode
 from distillens.export import student_from_checkpoint
 from distillens.lens import LogitLens
 from distillens.losses import get_token_divergence, log_probs
@@ -103,7 +103,7 @@ def lens_diagnostics(
     teacher_layers = proportional_depths(student.num_layers, teacher.num_layers)
     sums = torch.zeros(len(QUANTITIES), len(student_layers), dtype=torch.float64)  # (Q, L_S + 1)
     tokens = 0
-    with _eval_mode(student.model), _eval_mode(teacher.model):
+    with eval_mode(student.model), eval_mode(teacher.model):
         for batch in batches:
             s_rows = _supervised_rows(student, batch, student_layers)  # layer -> (N, d_S)
             t_rows = _supervised_rows(teacher, batch, sorted({*teacher_layers, teacher.num_layers}))
@@ -142,25 +142,14 @@ def _chunk_sums(student_logits: Tensor, teacher_logits: Tensor, answer: Tensor, 
             token_divergence(student_logits, teacher_logits).sum(),
             _entropy(logp_s).sum(),
             _entropy(logp_t).sum(),
-            (logp_s.argmax(-1) == answer).sum(),
-            (logp_t.argmax(-1) == answer).sum(),
+            (logp_s.argmax(-1) == answer).sum().float(),
+            (logp_t.argmax(-1) == answer).sum().float(),
         ]
     ).to(device="cpu", dtype=torch.float64)  # (Q,)
 
 
 def _entropy(logp: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)  # (n,)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for the block, then the caller's mode back: training may resume right after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ The protocol follows the paper (DESIGN.md section 1): answers are *sampled* with
 with the ROUGE-L F-measure of the `rouge_score` package (Porter stemmer, max over a prediction's references,
 x100), and reported as mean and std over generation seeds. Every metric here is a pure function so that the
 training module, scripts and tests share one implementation; nothing here imports Lightning.
+
+Under data parallelism each rank answers its shard of an eval set; `GenerationRecord`s carry the example's index,
+so `gather_records` can drop the repeats DistributedSampler pads shards with and restore dataset order. The
+results of several sets and seeds become one table (`summarize_runs`), written as JSON, Markdown and jsonl answers.
 """
 
 from __future__ import annotations
@@ -228,7 +232,7 @@ def _seeded_rng(seed: int | None, device: torch.device) -> Iterator[None]:
 
 
 @contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) for the block, then the caller's mode back: training may resume right after."""
     was_training = model.training
     model.eval()
@@ -314,7 +318,7 @@ def generate(
     """
     _check_left_padded(input_ids, attention_mask)
     config = _generation_config(tokenizer, max_new_tokens, do_sample, top_k, top_p, temperature)
-    with _eval_mode(model), _seeded_rng(seed, input_ids.device):
+    with eval_mode(model), _seeded_rng(seed, input_ids.device):
         sequences = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

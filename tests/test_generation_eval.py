@@ -1,0 +1,310 @@
+"""Generation evaluation end to end on tiny random models: `distillens test` over several sets and seeds, generation
+during validation with checkpoint selection on val/rougeL, and the DDP gather on a real 2-process gloo group.
+
+Expectations are computed independently: answers by calling transformers' `generate` on each prompt alone, scores
+with `rouge_score` directly, means and stds with numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from rouge_score import rouge_scorer
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from distillens import evaluation
+from distillens.cli import run_cli
+from distillens.data import GenerationCollator, IndexedRows
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "data" / "instructions"
+MAX_NEW_TOKENS = 8
+
+
+def rouge_l_by_hand(predictions: list[str], references: list[list[str]]) -> list[float]:
+    """ROUGE-L F x100 per example, best reference, straight from rouge_score."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [
+        100 * max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs)
+        for pred, refs in zip(predictions, references, strict=True)
+    ]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def bundled_rows(split: str, count: int) -> list[dict]:
+    return read_jsonl(BUNDLED / f"{split}.jsonl")[:count]
+
+
+def as_minillm(rows: list[dict]) -> list[dict]:
+    """MiniLLM's eval layout (instruction, input, output); every second row gets two references."""
+    return [
+        {
+            "instruction": row["instruction"],
+            "input": row.get("context", ""),
+            "output": [row["response"], "another answer"] if i % 2 else row["response"],
+        }
+        for i, row in enumerate(rows)
+    ]
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory, smollm2_tokenizer) -> dict[str, Path]:
+    """Tiny random Llamas over SmolLM2's vocabulary, saved with the tokenizer, in float64 so that greedy answers
+    of a padded batch cannot differ from those of each prompt alone by float32 rounding of near-ties."""
+    root = tmp_path_factory.mktemp("models")
+    folders = {}
+    for role, (hidden, layers, seed) in {"teacher": (32, 4, 1), "student": (16, 2, 2)}.items():
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=len(smollm2_tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
+        folders[role] = root / role
+        LlamaForCausalLM(config).double().save_pretrained(folders[role])
+        smollm2_tokenizer.save_pretrained(folders[role])
+    return folders
+
+
+def tiny_config(tmp_path: Path, folders: dict[str, Path], generation: dict, **changes) -> Path:
+    """configs/tiny.yaml with the saved models, absolute data paths, and logs and caches under tmp_path."""
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config["model"]["teacher"] = {"source": str(folders["teacher"]), "dtype": "auto"}
+    config["model"]["student"] = {"source": str(folders["student"]), "dtype": "auto"}
+    config["model"]["generation"] = {"max_new_tokens": MAX_NEW_TOKENS, **generation}
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    config["trainer"]["callbacks"] = [
+        c for c in config["trainer"]["callbacks"] if "ExportStudent" not in c["class_path"]
+    ]
+    data = config["data"]
+    for split in ("train", "validation", "test"):
+        data[split] = str(REPO / data[split])
+    data["cache_dir"] = str(tmp_path / "cache")
+    for section, values in changes.items():
+        config[section].update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def greedy_alone(folder: Path, tokenizer, prompt: str) -> str:
+    """One prompt's greedy answer with plain transformers: no padding, no batching, no distillens code."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"]  # (1, P)
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # (1, P + new)
+    new = out[0, ids.shape[1] :].tolist()
+    new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------- distillens test
+
+
+@pytest.fixture(scope="module")
+def sampled_test_run(tmp_path_factory, model_folders):
+    """`distillens test` on two sets (Dolly layout; MiniLLM layout with multi-reference rows) under three seeds."""
+    tmp_path = tmp_path_factory.mktemp("test-run")
+    sets = [
+        write_jsonl(tmp_path / "dolly.jsonl", bundled_rows("test", 5)),
+        write_jsonl(tmp_path / "minillm.jsonl", as_minillm(bundled_rows("validation", 6))),
+    ]
+    config = tiny_config(
+        tmp_path,
+        model_folders,
+        {"seeds": [1, 2, 3]},
+        data={"test": [str(s) for s in sets], "eval_batch_size": 4},
+    )
+    cli = run_cli(["test", "--config", str(config)])
+    return cli, tmp_path / "logs" / "tiny" / "eval"
+
+
+def test_answers_are_saved_per_set_and_seed_in_dataset_order(sampled_test_run):
+    cli, folder = sampled_test_run
+    for name in ("dolly", "minillm"):
+        split = cli.datamodule.splits[name]
+        expected = [(row["prompt"], list(row["references"])) for row in split]
+        answers = {seed: read_jsonl(folder / f"{name}.seed{seed}.jsonl") for seed in (1, 2, 3)}
+        for rows in answers.values():
+            assert [row["index"] for row in rows] == list(range(len(split)))
+            assert [(row["prompt"], row["references"]) for row in rows] == expected
+        assert answers[1] != answers[2]  # sampled under different seeds
+    assert any(len(row["references"]) == 2 for row in read_jsonl(folder / "minillm.seed1.jsonl"))
+
+
+def test_results_are_rouge_score_means_and_stds_over_seeds(sampled_test_run):
+    cli, folder = sampled_test_run
+    results = json.loads((folder / "results.json").read_text())
+    per_seed = {}
+    for name in ("dolly", "minillm"):
+        per_seed[name] = []
+        for seed in (1, 2, 3):
+            rows = read_jsonl(folder / f"{name}.seed{seed}.jsonl")
+            score = np.mean(rouge_l_by_hand([r["prediction"] for r in rows], [r["references"] for r in rows]))
+            per_seed[name].append(score)
+            assert results["sets"][name]["per_seed"][str(seed)]["rougeL"] == pytest.approx(score)
+        assert results["sets"][name]["mean"]["rougeL"] == pytest.approx(np.mean(per_seed[name]))
+        assert results["sets"][name]["std"]["rougeL"] == pytest.approx(np.std(per_seed[name]))
+        logged = cli.trainer.callback_metrics
+        assert float(logged[f"test/{name}/rougeL"]) == pytest.approx(
+            np.mean(per_seed[name]), rel=1e-5, abs=1e-5
+        )
+        assert float(logged[f"test/{name}/rougeL_std"]) == pytest.approx(np.std(per_seed[name]), abs=1e-5)
+    average = np.mean([per_seed["dolly"], per_seed["minillm"]], axis=0)  # (seeds,)
+    assert results["average"]["mean"]["rougeL"] == pytest.approx(average.mean())
+    assert results["average"]["std"]["rougeL"] == pytest.approx(average.std())
+    assert results["generator"] == "student" and results["seeds"] == [1, 2, 3]
+    table = (folder / "results.md").read_text()
+    for name in ("dolly", "minillm", "average"):
+        assert f"| {name} |" in table
+
+
+def test_greedy_answers_equal_each_prompt_generated_alone(tmp_path, model_folders, smollm2_tokenizer):
+    test_set = write_jsonl(tmp_path / "dolly.jsonl", bundled_rows("test", 5))
+    generation = {"do_sample": False, "seeds": [0], "generator": "teacher"}
+    config = tiny_config(
+        tmp_path, model_folders, generation, data={"test": str(test_set), "eval_batch_size": 3}
+    )
+    run_cli(["test", "--config", str(config)])
+    rows = read_jsonl(tmp_path / "logs" / "tiny" / "eval" / "dolly.seed0.jsonl")
+    expected = [greedy_alone(model_folders["teacher"], smollm2_tokenizer, row["prompt"]) for row in rows]
+    assert [row["prediction"] for row in rows] == expected
+    assert any(expected)  # not a vacuous comparison of empty strings
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def test_validation_generation_logs_val_rouge_and_selects_checkpoints(
+    tmp_path, model_folders, smollm2_tokenizer
+):
+    """lr 0 keeps the student as saved, so the greedy answers can be computed alone beforehand; references are
+    rigged so that the score is far from 0: rows 0 and 2 list a wrong answer first and the right one second."""
+    rows = bundled_rows("validation", 5)
+    probe = write_jsonl(tmp_path / "probe.jsonl", rows)
+    probe_config = tiny_config(tmp_path, model_folders, {}, data={"validation": str(probe)})
+    prompts = [row["prompt"] for row in _validation_split(probe_config)]
+    answers = [greedy_alone(model_folders["student"], smollm2_tokenizer, prompt) for prompt in prompts]
+    references = [
+        ["wrong answer", answers[i]] if i in (0, 2) else [rows[i]["response"]] for i in range(len(rows))
+    ]
+    rigged = [dict(row, response=refs) for row, refs in zip(rows, references, strict=True)]  # same prompts
+    validation = write_jsonl(tmp_path / "validation.jsonl", rigged)
+    expected = np.mean(rouge_l_by_hand(answers[:4], references[:4]))  # max_prompts: 4
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"monitor": "val/rougeL", "mode": "max", "dirpath": str(tmp_path / "ckpt")},
+    }
+    config = tiny_config(
+        tmp_path,
+        model_folders,
+        {"do_sample": False, "every_n_val": 1, "max_prompts": 4},
+        data={"validation": str(validation), "max_samples": 8},
+        trainer={"max_steps": 2, "val_check_interval": 1, "callbacks": [checkpoint]},
+    )
+    cli = run_cli(["fit", "--config", str(config), "--model.optimizer.lr", "0.0"])
+    assert expected > 20  # the rigged rows make the check meaningful
+    assert float(cli.trainer.callback_metrics["val/rougeL"]) == pytest.approx(expected, rel=1e-5)
+    assert float(cli.trainer.checkpoint_callback.best_model_score) == pytest.approx(expected, rel=1e-5)
+
+
+def _validation_split(config: Path):
+    from distillens.data import InstructionDataModule
+    from distillens.models import load_tokenizer
+
+    data = yaml.safe_load(config.read_text())["data"]
+    datamodule = InstructionDataModule(**{k: v for k, v in data.items() if k != "test"})
+    datamodule.connect(load_tokenizer(yaml.safe_load(config.read_text())["model"]["student"]["source"]))
+    datamodule.setup("validate")
+    return datamodule.splits["validation"]
+
+
+def test_generation_settings_reject_bad_values():
+    from distillens.module import GenerationSettings
+
+    with pytest.raises(ValueError, match="every_n_val=-1"):
+        GenerationSettings(every_n_val=-1)
+    with pytest.raises(ValueError, match="generator='judge'"):
+        GenerationSettings(generator="judge")
+    with pytest.raises(ValueError, match="seeds is empty"):
+        GenerationSettings(seeds=[])
+
+
+# ----------------------------------------------------------------------------------------------- DDP gather
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _rank_gathers(rank: int, world_size: int, port: int, size: int, out: str) -> None:
+    """One rank: generate (fake answers naming the rank) on its shard of the real collated loader, then gather."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=30))
+    try:
+        rows = [
+            {
+                "input_ids": [5, 6, 7][: 1 + i % 3],
+                "prompt_length": 1 + i % 3,
+                "prompt": f"q{i}",
+                "references": [f"a{i}"],
+            }
+            for i in range(size)
+        ]
+        loader = torch.utils.data.DataLoader(
+            IndexedRows(rows), batch_size=2, collate_fn=GenerationCollator(0, "set")
+        )
+        records = []
+        for batch in evaluation.shard_loader(loader, rank, world_size):
+            records += evaluation.records_from_batch(batch, [f"{p} by rank {rank}" for p in batch["prompts"]])
+        gathered = evaluation.gather_records(records)
+        Path(out, f"rank{rank}.json").write_text(json.dumps([dataclasses.asdict(r) for r in gathered]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_ddp_gather_returns_each_example_once_in_order_on_every_rank(tmp_path):
+    size, world_size = 5, 2  # DistributedSampler pads rank 1 with a repeat of example 0
+    mp.spawn(
+        _rank_gathers, args=(world_size, _free_port(), size, str(tmp_path)), nprocs=world_size, join=True
+    )
+    expected = [
+        {"index": i, "prompt": f"q{i}", "references": [f"a{i}"], "prediction": f"q{i} by rank {i % 2}"}
+        for i in range(size)
+    ]
+    for rank in range(world_size):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
