@@ -43,12 +43,12 @@ gpu-check: $(STAMP) ## On a CUDA machine: GPU-marked tests and the CUDA benchmar
 	bash benchmarks/gpu_check.sh
 
 lint: $(STAMP) ## Ruff lint and format check
-	$(VENV)/bin/ruff check distillens tests benchmarks
-	$(VENV)/bin/ruff format --check distillens tests benchmarks
+	$(VENV)/bin/ruff check distillens tests benchmarks scripts
+	$(VENV)/bin/ruff format --check distillens tests benchmarks scripts
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
-	$(VENV)/bin/ruff check --fix distillens tests benchmarks
-	$(VENV)/bin/ruff format distillens tests benchmarks
+	$(VENV)/bin/ruff check --fix distillens tests benchmarks scripts
+	$(VENV)/bin/ruff format distillens tests benchmarks scripts
 
 clean: ## Remove the virtual environment, caches and run logs (keeps data/ sources)
 	rm -rf $(VENV) .pytest_cache .ruff_cache data/cache logs/*/ 

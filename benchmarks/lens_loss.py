@@ -29,7 +29,9 @@ VARIANTS = ("naive", "chunked", "liger")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pairs", type=int, default=5, help="layer pairs k")
     parser.add_argument("--student-hidden", type=int, default=768)
     parser.add_argument("--teacher-hidden", type=int, default=1600)
@@ -60,15 +62,18 @@ def workload(args: argparse.Namespace):
     gen = torch.Generator(device="cpu").manual_seed(0)
     shape = (args.batch, args.tokens)
     student = LogitLens.from_parts(
-        nn.LayerNorm(args.student_hidden).to(device), nn.Linear(args.student_hidden, args.vocab, bias=False).to(device)
+        nn.LayerNorm(args.student_hidden).to(device),
+        nn.Linear(args.student_hidden, args.vocab, bias=False).to(device),
     )
     teacher = LogitLens.from_parts(
-        nn.LayerNorm(args.teacher_hidden).to(device), nn.Linear(args.teacher_hidden, args.vocab, bias=False).to(device)
+        nn.LayerNorm(args.teacher_hidden).to(device),
+        nn.Linear(args.teacher_hidden, args.vocab, bias=False).to(device),
     )
     for p in teacher.parameters():
         p.requires_grad_(False)
     s_hidden = [
-        torch.randn(*shape, args.student_hidden, generator=gen).to(device).requires_grad_() for _ in range(args.pairs)
+        torch.randn(*shape, args.student_hidden, generator=gen).to(device).requires_grad_()
+        for _ in range(args.pairs)
     ]
     t_hidden = [torch.randn(*shape, args.teacher_hidden, generator=gen).to(device) for _ in range(args.pairs)]
     mask = torch.zeros(shape, dtype=torch.bool)
@@ -132,7 +137,9 @@ def liger_available() -> bool:
 
 def table(rows: list[dict]) -> str:
     naive = next((r for r in rows if r["variant"] == "naive" and "error" not in r), None)
-    lines = [f"{'variant':<9} {'peak extra':>12} {'time':>9} {'mem vs naive':>13} {'speed vs naive':>15} {'loss':>10}"]
+    lines = [
+        f"{'variant':<9} {'peak extra':>12} {'time':>9} {'mem vs naive':>13} {'speed vs naive':>15} {'loss':>10}"
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['variant']:<9} failed: {r['error']}")

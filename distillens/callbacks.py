@@ -65,7 +65,10 @@ class InitialValidation(L.Callback):
         metrics = {f"val/{name}": value / tokens for name, value in sums.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=0)
-        print("initial validation: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "/lens/" not in k))
+        print(
+            "initial validation: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "/lens/" not in k)
+        )
 
 
 class ExportStudent(L.Callback):
