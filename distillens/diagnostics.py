@@ -36,7 +36,7 @@ from distillens.evaluation import eval_mode
 from distillens.export import student_from_checkpoint
 from distillens.lens import LogitLens
 from distillens.losses import get_token_divergence, log_probs
-from distillens.models import ModelSpec, load_model, load_tokenizer
+from distillens.models import ModelSpec, check_same_vocabulary, load_model, load_tokenizer
 
 QUANTITIES = ("divergence", "student_entropy", "teacher_entropy", "student_top1", "teacher_top1")
 """Per-depth values of a report, in the order they are accumulated."""
@@ -250,18 +250,9 @@ def diagnose(
     teacher_spec = ModelSpec(source=teacher)
     teacher_model = load_model(teacher_spec)
     student_model = load_student(student, teacher_model)
-    _check_same_vocabulary(student_model, teacher_model)
+    check_same_vocabulary(student_model, teacher_model)
     batches = labelled_batches(data, load_tokenizer(teacher_spec), **data_options)
     report = lens_diagnostics(
         LogitLens(student_model), LogitLens(teacher_model), batches, divergence=divergence
     )
     return save_lens_diagnostics(report, out_dir)
-
-
-def _check_same_vocabulary(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
-    s_vocab = student.get_output_embeddings().weight.shape[0]
-    t_vocab = teacher.get_output_embeddings().weight.shape[0]
-    if s_vocab != t_vocab:
-        raise ValueError(
-            f"student vocabulary ({s_vocab} tokens) differs from the teacher's ({t_vocab}): not comparable"
-        )

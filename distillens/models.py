@@ -401,3 +401,14 @@ def _with_special_tokens(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_same_vocabulary(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
+    """Distillation compares distributions token by token: both models must index the same vocabulary."""
+    s_vocab = student.get_output_embeddings().weight.shape[0]
+    t_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if s_vocab != t_vocab:
+        raise ValueError(
+            f"teacher and student vocabularies differ: teacher {type(teacher).__name__} has {t_vocab} tokens, "
+            f"student {type(student).__name__} {s_vocab}; distillation needs the same tokenizer"
+        )

@@ -43,7 +43,7 @@ from distillens.evaluation import (
 )
 from distillens.lens import LogitLens, lens_loss, naive_lens_loss
 from distillens.losses import get_token_divergence, masked_mse
-from distillens.models import ModelSpec, load_model, load_tokenizer
+from distillens.models import ModelSpec, check_same_vocabulary, load_model, load_tokenizer
 
 
 @dataclass
@@ -577,17 +577,6 @@ def check_same_tokenizer(student: ModelSpec, teacher: ModelSpec | None, student_
             f"teacher tokenizer {teacher_source!r} and student tokenizer {student_source!r} differ "
             f"({len(teacher_vocab)} vs {len(student_vocab)} tokens; e.g. {differing}); distillation needs the "
             "same token ids"
-        )
-
-
-def check_same_vocabulary(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
-    """Distillation compares distributions token by token: both models must index the same vocabulary."""
-    s_vocab = student.get_output_embeddings().weight.shape[0]
-    t_vocab = teacher.get_output_embeddings().weight.shape[0]
-    if s_vocab != t_vocab:
-        raise ValueError(
-            f"teacher and student vocabularies differ: teacher {type(teacher).__name__} has {t_vocab} tokens, "
-            f"student {type(student).__name__} {s_vocab}; distillation needs the same tokenizer"
         )
 
 
