@@ -283,8 +283,15 @@ class _ChunkedLensDivergence(torch.autograd.Function):
     def forward(ctx, plan: _ChunkPlan, student_rows: Tensor, teacher_rows: Tensor, *student_params: Tensor):
         inputs = [student_rows, *student_params]
         needs_grad = [t.requires_grad for t in inputs]
-        grads = [torch.zeros_like(t) if need else None for t, need in zip(inputs, needs_grad, strict=True)]
-        per_row = torch.empty(student_rows.shape[0], device=student_rows.device)  # (k*N,)
+        # fp32 accumulators whatever the parameters' dtype: under bf16 a sum over many chunks would lose the small
+        # late contributions (bf16 keeps 8 significant bits); cast back to each input's dtype once, in backward
+        grads = [
+            torch.zeros_like(t, dtype=torch.float32) if need else None
+            for t, need in zip(inputs, needs_grad, strict=True)
+        ]
+        per_row = torch.empty(
+            student_rows.shape[0], device=student_rows.device, dtype=torch.float32
+        )  # (k*N,)
         for start in range(0, student_rows.shape[0], plan.chunk_size):
             chunk = slice(start, start + plan.chunk_size)
             if not any(needs_grad):
@@ -295,14 +302,17 @@ class _ChunkedLensDivergence(torch.autograd.Function):
             per_row[chunk], chunk_grads = plan.values_and_grads(rows, teacher_rows[chunk], wanted)
             _accumulate(grads, needs_grad, chunk_grads, chunk)
         ctx.save_for_backward(*[g for g in grads if g is not None])
-        ctx.needs_grad = needs_grad
+        ctx.needs_grad, ctx.dtypes = needs_grad, [t.dtype for t in inputs]
         ctx.mark_non_differentiable(per_row)
         return per_row.sum() * plan.row_weight, per_row
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_row):
         stored = iter(ctx.saved_tensors)
-        grads = [next(stored) * grad_loss if need else None for need in ctx.needs_grad]
+        grads = [
+            (next(stored) * grad_loss).to(dtype) if need else None
+            for need, dtype in zip(ctx.needs_grad, ctx.dtypes, strict=True)
+        ]
         return (None, grads[0], None, *grads[1:])
 
 
@@ -314,7 +324,7 @@ def _accumulate(grads: list, needs_grad: list[bool], chunk_grads: Sequence, chun
         if grad is None:
             continue
         if position == 0:
-            grads[0][chunk] += grad
+            grads[0][chunk] += grad  # fp32 += (n, d) in the inputs' dtype: upcast element-wise
         else:
             grads[position] += grad
 

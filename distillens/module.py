@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +44,15 @@ from distillens.evaluation import (
 )
 from distillens.lens import LogitLens, lens_loss, naive_lens_loss
 from distillens.losses import get_token_divergence, masked_mse
-from distillens.models import ModelSpec, check_same_vocabulary, load_model, load_tokenizer
+from distillens.models import (
+    ModelSpec,
+    check_same_vocabulary,
+    is_lora,
+    load_model,
+    load_tokenizer,
+    rebuildable,
+)
+from distillens.sampling import LensDraw, check_sampling, draw_lens_subset, draw_seed, exact_draw
 
 
 @dataclass
@@ -75,6 +84,13 @@ class LossConfig:
     lens_impl: str = "chunked"
     """How the lens term is computed: "chunked" (memory-bounded, the default) or "naive" (the published code's
     (k, B, T, V) projection, for benchmarks and checks)."""
+    lens_pairs_per_step: int | None = None
+    """Training steps use m randomly drawn layer pairs (the same on every rank, drawn from seed_everything's seed,
+    the step and the micro-batch) for an unbiased estimate of the lens term at about m/k of its cost; null uses
+    every pair. Validation always computes the exact term."""
+    lens_token_fraction: float = 1.0
+    """Training steps use this random fraction of the supervised tokens in the lens term, weighted by its inverse
+    (an unbiased estimate); 1 uses every token. Validation always computes the exact term."""
 
 
 @dataclass
@@ -127,8 +143,9 @@ GENERATORS = ("student", "teacher")
 class GenerationSettings:
     """How answers are generated and scored: in ``distillens test``, and during validation when ``every_n_val > 0``."""
 
-    max_new_tokens: int = 512
-    """Longest generated response (the paper: 512)."""
+    max_new_tokens: int = 256
+    """Longest generated response in tokens (the paper's evaluation: 256, as prompts of up to 256 tokens are
+    left-padded to 256 and generation stops at a total length of 512)."""
     do_sample: bool = True
     """Sample (the paper: top_k 0, top_p 1, temperature 1) or decode greedily."""
     top_k: int = 0
@@ -137,6 +154,9 @@ class GenerationSettings:
     """Nucleus filter when sampling; 1 disables it."""
     temperature: float = 1.0
     """Sampling temperature."""
+    no_repeat_ngram_size: int = 0
+    """Never generate an n-gram of this size twice in a sequence (prompt included), as transformers' option of the
+    same name; 0 turns it off. The paper's evaluation: 6."""
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
     """Generation seeds (MiniLLM's five): test reports mean and std over them all; validation uses the first."""
     metrics: list[str] = field(default_factory=lambda: ["rougeL", "exact_match"])
@@ -175,7 +195,18 @@ class OptimizerConfig:
     warmup: float = 0.05
     """Warm-up length: a fraction of the total steps if < 1, else a number of steps."""
     min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of the peak."""
+    """Final learning rate as a fraction of the peak (used when ``min_lr`` is unset)."""
+    min_lr: float | None = None
+    """Final learning rate as an absolute value (the paper: 1e-7); overrides ``min_lr_ratio`` when set."""
+
+    def __post_init__(self) -> None:
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optimizer.min_lr={self.min_lr}: must be between 0 and optimizer.lr={self.lr}")
+
+    @property
+    def floor_ratio(self) -> float:
+        """The cosine schedule's final learning rate as a fraction of the peak."""
+        return self.min_lr / self.lr if self.min_lr is not None else self.min_lr_ratio
 
 
 class DistillationModule(L.LightningModule):
@@ -207,6 +238,11 @@ class DistillationModule(L.LightningModule):
         self.optimizer_config = _as(OptimizerConfig, optimizer or OptimizerConfig())
         self.generation = _as(GenerationSettings, generation or GenerationSettings())
         self._check_objective()
+        if self.teacher_spec is not None and self.teacher_spec.lora is not None:
+            raise ValueError(
+                "model.teacher.lora: the teacher is frozen and never trained; fold a trained adapter into it with "
+                "model.teacher.adapter instead"
+            )
         # plain dicts, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
@@ -228,6 +264,7 @@ class DistillationModule(L.LightningModule):
         self.teacher_layers: list[int] = []
         self._student_config: dict[str, Any] | None = None  # set when restoring a student without its teacher
         self._window_tokens = 0  # supervised tokens seen since the last optimizer step (this rank)
+        self._window_batches = 0  # micro-batches since the last optimizer step: part of the lens draw's seed
         self._validations_done = 0  # validation runs since this process started (generation every N-th)
         self.val_sums = nn.ModuleDict()  # term -> SumMetric of token sums over the validation set
         object.__setattr__(self, "teacher", None)  # not a submodule: see the module docstring
@@ -243,6 +280,7 @@ class DistillationModule(L.LightningModule):
         config = self.loss_config
         for name in (config.kd_divergence, config.lens_divergence):
             get_token_divergence(name)
+        check_sampling(config.lens_pairs_per_step, config.lens_token_fraction)
         if config.lens_impl not in LENS_IMPLEMENTATIONS:
             raise ValueError(
                 f"loss.lens_impl={config.lens_impl!r}: expected one of {', '.join(sorted(LENS_IMPLEMENTATIONS))}"
@@ -357,22 +395,33 @@ class DistillationModule(L.LightningModule):
                 self.teacher_final, mask, config.kd_divergence, **chunked, **config.kd_params,
             )  # fmt: skip
         if self.student_layers and (config.lens_weight or not self.training):
-            terms["lens"], per_pair = LENS_IMPLEMENTATIONS[config.lens_impl](
-                [shift(s_hidden[i]) for i in self.student_layers], [shift(t_hidden[j]) for j in self.teacher_layers],
-                self.student_lens, self.teacher_lens, mask, config.lens_divergence, **chunked, **config.lens_params,
+            draw = self._lens_draw(mask)  # training: the sampled pairs and tokens; validation: all of them
+            s_layers = [self.student_layers[p] for p in draw.pairs]
+            t_layers = [self.teacher_layers[p] for p in draw.pairs]
+            lens, per_pair = LENS_IMPLEMENTATIONS[config.lens_impl](
+                [shift(s_hidden[i]) for i in s_layers], [shift(t_hidden[j]) for j in t_layers], self.student_lens,
+                self.teacher_lens, draw.mask, config.lens_divergence, **chunked, **config.lens_params,
             )  # fmt: skip
-            terms.update(
-                {
-                    f"lens/s{i}_t{j}": v
-                    for i, j, v in zip(self.student_layers, self.teacher_layers, per_pair, strict=True)
-                }
-            )
+            # an unbiased token sum: N / n times the sum over the n drawn tokens (x 1.0, exact, when all are kept)
+            terms["lens"] = lens * draw.token_scale
+            # per-pair values only when every pair is drawn: Lightning would re-log an undrawn pair's stale value
+            if len(draw.pairs) == len(self.student_layers):
+                per_pair_terms = zip(s_layers, t_layers, per_pair, strict=True)
+                terms.update({f"lens/s{i}_t{j}": v for i, j, v in per_pair_terms})
         if config.mse_weight:
             terms["mse"] = sum(
                 masked_mse(proj(shift(t_hidden[j])), shift(s_hidden[i]), mask) * mask.sum()
                 for proj, i, j in zip(self.projections, self.student_layers, self.teacher_layers, strict=True)
             ) / len(self.projections)
         return terms
+
+    def _lens_draw(self, mask: Tensor) -> LensDraw:
+        """This micro-batch's lens pairs and tokens: a seeded draw in training, every one of them otherwise."""
+        config, pairs = self.loss_config, len(self.student_layers)
+        if not self.training:
+            return exact_draw(mask, pairs)
+        seed = draw_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_step, self._window_batches)
+        return draw_lens_subset(mask, pairs, config.lens_pairs_per_step, config.lens_token_fraction, seed)
 
     def weighted_sum(self, terms: dict[str, Tensor]) -> Tensor:
         """The objective's token sum: the configured weight of each term present."""
@@ -389,6 +438,7 @@ class DistillationModule(L.LightningModule):
         total = self.weighted_sum(terms)
         tokens = int(terms["tokens"])
         self._window_tokens += tokens
+        self._window_batches += 1
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", total.detach() / max(tokens, 1), prog_bar=True, batch_size=batch_size)
         for name, value in terms.items():
@@ -413,7 +463,7 @@ class DistillationModule(L.LightningModule):
             for param in group["params"]:
                 if param.grad is not None:
                     param.grad.mul_(scale)
-        self._window_tokens = 0
+        self._window_tokens = self._window_batches = 0
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._accumulate_eval(batch)
@@ -437,6 +487,7 @@ class DistillationModule(L.LightningModule):
             model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
             max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, top_k=settings.top_k,
             top_p=settings.top_p, temperature=settings.temperature, seed=batch_seed(seed, batch["index"][0]),
+            no_repeat_ngram_size=settings.no_repeat_ngram_size,
             synced_gpus=torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1,
         )  # fmt: skip
         return records_from_batch(batch, predictions)
@@ -508,7 +559,14 @@ class DistillationModule(L.LightningModule):
         """Print the table and write it (JSON, Markdown) with every answer (jsonl) to the run's eval folder."""
         run_folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         folder = Path(self.generation.output_dir) if self.generation.output_dir else run_folder / "eval"
-        results = {"generator": self.generation.generator, "generation": asdict(self.generation), **results}
+        protocol = getattr(self.trainer.datamodule, "eval_protocol", None)  # prompt and reference filters
+        data = {"data": protocol()} if callable(protocol) else {}
+        results = {
+            "generator": self.generation.generator,
+            "generation": asdict(self.generation),
+            **data,
+            **results,
+        }
         write_results(folder, results, runs)
         print(f"\n{results_markdown(results)}results and answers written to {folder}")
 
@@ -539,13 +597,41 @@ class DistillationModule(L.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(config.warmup * total) if config.warmup < 1 else int(config.warmup)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(warmup, total, config.min_lr_ratio)
+            optimizer, warmup_cosine(warmup, total, config.floor_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the student's architecture, so the checkpoint can be restored and exported without a teacher."""
+        """Record the student's architecture, so the checkpoint can be restored and exported without a teacher.
+
+        A LoRA student's frozen base weights are left out: they are its source's, loaded again on resume or
+        export, so a checkpoint holds the adapters (and optimizer state) only. They are kept for a student built
+        from a random config (nothing could rebuild them) and in a sharded (FSDP) checkpoint, as Lightning's
+        distributed loader expects every key of the model.
+        """
         checkpoint["student_config"] = self.student.config.to_dict()
+        if self._adapters_only_checkpoints():
+            frozen = self._frozen_student_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Complete an adapters-only checkpoint with the frozen base weights the student was just built with."""
+        if self._adapters_only_checkpoints():
+            state, saved = self.state_dict(), checkpoint["state_dict"]
+            saved.update({key: state[key] for key in self._frozen_student_keys() - saved.keys()})
+
+    def _adapters_only_checkpoints(self) -> bool:
+        """A LoRA student rebuilt with the same base weights at every load (a source, not a random config)."""
+        return (
+            is_lora(self.student)
+            and not is_sharded(self.student)
+            and rebuildable(self.student_spec, self.teacher_spec)
+        )
+
+    def _frozen_student_keys(self) -> set[str]:
+        """State-dict keys of the student's frozen parameters (tied ones under each of their names)."""
+        named = self.student.named_parameters(remove_duplicate=False)
+        return {f"student.{name}" for name, param in named if not param.requires_grad}
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
