@@ -1,4 +1,5 @@
-"""Training callbacks: token throughput, and export of the trained student as a Hugging Face folder."""
+"""Training callbacks: token throughput, a fixed number of sequences per optimizer step whatever the device count,
+initial validation, export of the trained student as a Hugging Face folder, and lens diagnostics."""
 
 from __future__ import annotations
 
@@ -26,6 +27,52 @@ class TokenThroughput(L.Callback):
         pl_module.log(
             "train/tokens_per_sec", tokens / max(seconds, 1e-9), batch_size=batch["input_ids"].shape[0]
         )
+
+
+class SequencesPerStep(L.Callback):
+    """Keep the sequences of one optimizer step fixed, whatever the number of devices, through gradient accumulation.
+
+    ``accumulate_grad_batches`` becomes ``sequences / (data.batch_size x devices x nodes)``, set when fit starts
+    (before the optimizer's schedule counts its steps), so a config written for 4 GPUs trains the same
+    optimizer steps on 1 (4 times the accumulation) or 8 (half the per-device batch). A count that does not divide
+    stops the run with a one-line error naming what to change.
+
+    Args:
+        sequences: sequences (rows) per optimizer step over all devices, e.g. 16 for the paper's GPT-2 runs.
+    """
+
+    def __init__(self, sequences: int) -> None:
+        if sequences < 1:
+            raise ValueError(f"SequencesPerStep: sequences={sequences} must be at least 1")
+        self.sequences = sequences
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        batch_size = getattr(trainer.datamodule, "batch_size", None)
+        if batch_size is None:
+            raise ValueError("SequencesPerStep needs a data module with a batch_size (per device)")
+        trainer.accumulate_grad_batches = accumulation_for(self.sequences, batch_size, trainer.world_size)
+        print(
+            f"{self.sequences} sequences per optimizer step = {batch_size} per device x {trainer.world_size} "
+            f"device(s) x {trainer.accumulate_grad_batches} accumulated"
+        )
+
+
+def accumulation_for(sequences: int, batch_size: int, world_size: int) -> int:
+    """Micro-batches to accumulate so that ``batch_size x world_size x accumulation == sequences``."""
+    per_micro_step = batch_size * world_size
+    if sequences % per_micro_step:
+        hint = (
+            f"use a data.batch_size that divides {sequences // world_size}"
+            if sequences % world_size == 0
+            else f"they cannot be split evenly over {world_size} devices"
+        )
+        raise ValueError(
+            f"SequencesPerStep: {sequences} sequences per step is not a multiple of data.batch_size {batch_size} x "
+            f"{world_size} device(s) = {per_micro_step}: {hint}"
+        )
+    return sequences // per_micro_step
 
 
 class InitialValidation(L.Callback):
@@ -77,12 +124,16 @@ class ExportStudent(L.Callback):
     A student sharded by FSDP is gathered into one ordinary model first (every rank takes part), so the folder is
     the same single Hugging Face folder a one-process run writes.
 
+    A LoRA student is written merged (a plain model); ``adapter_only`` writes its adapter folder instead.
+
     Args:
         dirpath: target folder; default ``<run folder>/student``.
+        adapter_only: for a LoRA student, save the adapter alone rather than the merged model.
     """
 
-    def __init__(self, dirpath: str | None = None) -> None:
+    def __init__(self, dirpath: str | None = None, adapter_only: bool = False) -> None:
         self.dirpath = dirpath
+        self.adapter_only = adapter_only
 
     def on_fit_end(self, trainer, pl_module) -> None:
         from distillens.distributed import consolidated_model
@@ -91,7 +142,7 @@ class ExportStudent(L.Callback):
         folder = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "student")
         student = consolidated_model(pl_module.student)  # a collective when sharded; None off rank 0
         if trainer.is_global_zero:
-            export_student(student, pl_module.tokenizer, folder)
+            export_student(student, pl_module.tokenizer, folder, adapter_only=self.adapter_only)
             print(f"student exported to {folder}")
 
 

@@ -68,8 +68,13 @@ def export_command(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="distillens export", description=export_command.__doc__)
     parser.add_argument("checkpoint", type=Path, help="a .ckpt written by `distillens fit`")
     parser.add_argument("out_dir", type=Path, help="folder to write (safetensors, config, tokenizer)")
+    parser.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="for a LoRA student: write its adapter folder alone instead of the merged model (the default)",
+    )
     options = parser.parse_args(args)
-    folder = export_checkpoint(options.checkpoint, options.out_dir)
+    folder = export_checkpoint(options.checkpoint, options.out_dir, adapter_only=options.adapter_only)
     print(f"student exported to {folder}")
 
 

@@ -416,7 +416,9 @@ class SplitStats:
     in_other_split: int = 0  # went to the other side of the val_size split
     over_max_samples: int = 0
     long_prompts_dropped: int = 0
+    short_references_dropped: int = 0  # test sets with a min_reference_tokens
     kept: int = 0
+    prompts_truncated: int = 0  # among the kept (test sets: long prompts are cut, not dropped)
     responses_truncated: int = 0  # among the kept
 
 
@@ -428,6 +430,9 @@ class Tokenised:
     prompt_lengths: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # indices into the input examples
     truncated: int = 0
+    cut_prompts: set[int] = field(
+        default_factory=set
+    )  # indices (as `kept`) of prompts cut to max_prompt_length
 
 
 def tokenize_examples(
@@ -438,13 +443,15 @@ def tokenize_examples(
     prompt_special_tokens: bool,
     max_length: int,
     max_prompt_length: int,
+    truncate_prompts: bool = False,
 ) -> Tokenised:
     """Tokenise prompt/response pairs for teacher forcing, dropping long prompts and cutting long responses.
 
     Prompt and response are tokenised separately and concatenated, so the boundary is exact by construction even
     where BPE would merge across it (a prompt ending in a space, say), and training sees the very prompt ids
     that generation will be given. The prompt gets the tokenizer's special tokens (a BOS for Llama-2-style
-    tokenizers) unless a chat template already wrote them. Prompts over `max_prompt_length` are dropped;
+    tokenizers) unless a chat template already wrote them. Prompts over `max_prompt_length` are dropped, or, with
+    `truncate_prompts` (evaluation sets, as the paper's protocol), cut to their first `max_prompt_length` tokens;
     responses are cut to fit `max_length`, and a cut response loses its EOS (the model should not learn to stop).
     """
     prompt_ids = tokenizer(list(prompts), add_special_tokens=prompt_special_tokens)["input_ids"]
@@ -452,7 +459,10 @@ def tokenize_examples(
     result = Tokenised()
     for index, (prompt, response) in enumerate(zip(prompt_ids, response_ids, strict=True)):
         if len(prompt) > max_prompt_length:
-            continue
+            if not truncate_prompts:
+                continue
+            prompt = prompt[:max_prompt_length]
+            result.cut_prompts.add(index)
         target = [*response, tokenizer.eos_token_id][: max_length - len(prompt)]
         result.truncated += len(target) <= len(response)
         result.sequences.append([*prompt, *target])
@@ -671,7 +681,11 @@ class InstructionDataModule(L.LightningDataModule):
         template: Prompt template: "alpaca" (with/without input, as in the paper's data), "chat" (the tokenizer's
             chat template) or your own string with an {instruction} and optionally an {input} placeholder.
         max_length: Longest prompt + response + EOS in tokens; longer responses are truncated (and counted).
-        max_prompt_length: Longest prompt in tokens; rows with longer prompts are dropped (and counted).
+        max_prompt_length: Longest prompt in tokens; training and validation rows with longer prompts are dropped,
+            test-set prompts are cut to their first `max_prompt_length` tokens (the paper's protocol); both are
+            counted in the log.
+        min_reference_tokens: Per test set name, the fewest tokens (of the run's tokenizer) a reference must have:
+            rows whose references are all shorter are dropped and counted (the paper: {sni: 11, unni: 11}).
         val_size: Rows of `train` to hold out for validation: a count (the paper holds out 1000 Dolly rows) or a
             fraction in (0, 1). The split is deterministic given `seed`.
         seed: Seed of the `val_size` split and of the training order (one fixed permutation per epoch).
@@ -698,6 +712,7 @@ class InstructionDataModule(L.LightningDataModule):
         template: str = "alpaca",
         max_length: int = 512,
         max_prompt_length: int = 256,
+        min_reference_tokens: dict[str, int] | None = None,
         val_size: int | float | None = None,
         seed: int = 42,
         batch_size: int = 8,
@@ -731,6 +746,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.splits: dict[str, datasets.Dataset] = {}  # tokenised splits by name, filled by setup()
         self.stats: dict[str, SplitStats] = {}  # what the filters did to each split (also kept in the cache)
         self._plans = _plan_splits(train, validation, self.test, val_size)  # bad paths fail here, early
+        self.min_reference_tokens = _check_reference_minimums(min_reference_tokens, self.test_set_names)
         self._hub_datasets: dict[tuple[str, str], datasets.Dataset] = {}
         self._train_resume_at: dict[str, int] | None = None  # from a checkpoint, see load_state_dict
 
@@ -755,6 +771,16 @@ class InstructionDataModule(L.LightningDataModule):
     def test_set_names(self) -> list[str]:
         """Names of the generation evaluation sets, in the order of the test dataloaders."""
         return [name for name, plan in self._plans.items() if plan.role == "test"]
+
+    def eval_protocol(self) -> dict[str, Any]:
+        """How the test sets were filtered, for results tables: prompt limit, prompts cut, rows dropped per set."""
+        tested = [name for name in self.test_set_names if name in self.stats]
+        return {
+            "max_prompt_length": self.max_prompt_length,
+            "min_reference_tokens": dict(self.min_reference_tokens),
+            "prompts_truncated": {name: self.stats[name].prompts_truncated for name in tested},
+            "short_references_dropped": {name: self.stats[name].short_references_dropped for name in tested},
+        }
 
     def prepare_data(self) -> None:
         """Tokenise every configured split into the cache (Lightning runs this once per node, before setup)."""
@@ -864,6 +890,8 @@ class InstructionDataModule(L.LightningDataModule):
             "format": self.format,
             "field_map": self.field_map,
             "lengths": [self.max_length, self.max_prompt_length],
+            "long_prompts": "truncate" if plan.role == "test" else "drop",
+            "min_reference_tokens": self.min_reference_tokens.get(plan.name),
             "val_size": self.val_size if plan.part else None,
             "seed": self.seed if plan.part else None,
             "max_samples": self.max_samples,
@@ -890,6 +918,10 @@ class InstructionDataModule(L.LightningDataModule):
 
     def _build(self, plan: _SplitPlan, stats: SplitStats) -> datasets.Dataset:
         examples = self._read_examples(plan, stats)
+        if plan.name in self.min_reference_tokens:
+            examples, stats.short_references_dropped = _drop_short_references(
+                examples, self.tokenizer, self.min_reference_tokens[plan.name]
+            )
         render = make_prompt_renderer(self.template, self._require_tokenizer())
         prompts = [render(example) for example in examples]
         tokenised = tokenize_examples(
@@ -899,9 +931,11 @@ class InstructionDataModule(L.LightningDataModule):
             prompt_special_tokens=self.template != "chat",
             max_length=self.max_length,
             max_prompt_length=self.max_prompt_length,
+            truncate_prompts=plan.role == "test",
         )
         stats.long_prompts_dropped = len(examples) - len(tokenised.kept)
         stats.kept, stats.responses_truncated = len(tokenised.kept), tokenised.truncated
+        stats.prompts_truncated = len(tokenised.cut_prompts)
         _log_stats(plan, stats, self.max_prompt_length, self.max_length)
         if not tokenised.kept:
             raise ValueError(
@@ -911,7 +945,12 @@ class InstructionDataModule(L.LightningDataModule):
             {
                 "input_ids": tokenised.sequences,
                 "prompt_length": tokenised.prompt_lengths,
-                "prompt": [prompts[i] for i in tokenised.kept],
+                "prompt": [  # a cut prompt as the model sees it
+                    self.tokenizer.decode(ids[:length]) if i in tokenised.cut_prompts else prompts[i]
+                    for i, ids, length in zip(
+                        tokenised.kept, tokenised.sequences, tokenised.prompt_lengths, strict=True
+                    )
+                ],
                 "references": [list(examples[i].references) for i in tokenised.kept],
             }
         )
@@ -999,6 +1038,34 @@ def _check_sizes(
         raise ValueError(f"val_size={val_size}: use a row count >= 1 or a fraction in (0, 1)")
 
 
+def _check_reference_minimums(minimums: dict[str, int] | None, test_sets: list[str]) -> dict[str, int]:
+    """`min_reference_tokens` names test sets by their names (file stem, or folder for valid.jsonl)."""
+    minimums = dict(minimums or {})
+    for name, tokens in minimums.items():
+        if name not in test_sets:
+            raise ValueError(
+                f"min_reference_tokens: no test set named {name!r} (test sets: {', '.join(test_sets) or 'none'})"
+            )
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"min_reference_tokens[{name!r}]={tokens!r}: use a positive token count")
+    return minimums
+
+
+def _drop_short_references(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, minimum: int
+) -> tuple[list[Example], int]:
+    """The examples with at least one reference of `minimum` tokens or more, and how many were dropped."""
+    kept = [
+        example
+        for example in examples
+        if any(
+            len(ids) >= minimum
+            for ids in tokenizer(list(example.references), add_special_tokens=False)["input_ids"]
+        )
+    ]
+    return kept, len(examples) - len(kept)
+
+
 def _check_at_least_one(**values: int | None) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
@@ -1048,6 +1115,7 @@ def _describe(stats: SplitStats) -> str:
             f"{stats.bad_rows_skipped} bad rows skipped",
             f"{stats.in_other_split} in the other val_size split",
             f"{stats.over_max_samples} over max_samples",
+            f"{stats.short_references_dropped} dropped for short references",
             f"{stats.long_prompts_dropped} dropped for long prompts",
         ]
     )
@@ -1062,6 +1130,13 @@ def _log_stats(plan: _SplitPlan, stats: SplitStats, max_prompt_length: int, max_
             "%s: dropped %d rows with prompts over max_prompt_length=%d tokens",
             plan.name,
             stats.long_prompts_dropped,
+            max_prompt_length,
+        )
+    if stats.prompts_truncated:
+        log.warning(
+            "%s: cut %d prompts to their first max_prompt_length=%d tokens",
+            plan.name,
+            stats.prompts_truncated,
             max_prompt_length,
         )
     if stats.responses_truncated:

@@ -38,6 +38,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distillens.lens import LogitLens
+from distillens.models import add_lora, is_lora
 
 
 @dataclass
@@ -169,7 +170,8 @@ def consolidated_model(model: PreTrainedModel) -> PreTrainedModel | None:
     """An ordinary copy of a sharded model on rank 0 (None on the others); an unsharded model is returned as is.
 
     Gathering is a collective, so every rank must call this. The copy is built from the model's config and holds
-    the gathered weights in their trained dtype, ready for ``save_pretrained``.
+    the gathered weights in their trained dtype, ready for ``save_pretrained``; a LoRA student's copy is wrapped in
+    the same adapters (merged or saved alone by ``export_student``).
     """
     if not is_sharded(model):
         return model
@@ -178,6 +180,8 @@ def consolidated_model(model: PreTrainedModel) -> PreTrainedModel | None:
         return None
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
     plain = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=dtype)
-    plain.load_state_dict(state, strict=True)
     plain.generation_config = copy.deepcopy(model.generation_config)
+    if is_lora(model):
+        plain = add_lora(plain, model.peft_config["default"])
+    plain.load_state_dict(state, strict=True)
     return plain.eval()

@@ -249,12 +249,17 @@ def _generation_config(
     top_k: int,
     top_p: float,
     temperature: float,
+    no_repeat_ngram_size: int = 0,
 ) -> GenerationConfig:
     """Every knob of the protocol set explicitly, so a checkpoint's own generation_config cannot change it.
 
-    transformers fills only unset fields from the model's generation_config; beam count and repetition penalty
-    are pinned because a checkpoint default for either would change what is being measured.
+    transformers fills only unset fields from the model's generation_config; beam count, repetition penalty and
+    n-gram blocking are pinned because a checkpoint default for any of them would change what is being measured.
     """
+    if no_repeat_ngram_size < 0:
+        raise ValueError(
+            f"no_repeat_ngram_size={no_repeat_ngram_size}: use 0 (off) or a positive n-gram size"
+        )
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token: generation would never stop before max_new_tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -264,6 +269,7 @@ def _generation_config(
         do_sample=do_sample,
         num_beams=1,
         repetition_penalty=1.0,
+        no_repeat_ngram_size=no_repeat_ngram_size,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=pad_id,
         **sampling,
@@ -307,17 +313,22 @@ def generate(
     temperature: float = 1.0,
     seed: int | None = None,
     synced_gpus: bool = False,
+    no_repeat_ngram_size: int = 0,
 ) -> list[str]:
     """Answers to a batch of LEFT-padded prompts, one string per row, without the prompt.
 
     Defaults are the paper's sampling (top_k=0 i.e. no top-k cut, top_p=1, T=1); `do_sample=False` is greedy.
+    `no_repeat_ngram_size=n` forbids any n-gram from occurring twice in a row's sequence, prompt included (the
+    paper's evaluation: 6; 0 turns it off).
     Decoding stops at the tokenizer's eos. With a `seed`, samples are reproducible and the caller's RNG state
     is left untouched; the model runs in eval mode and gets its previous mode back. `synced_gpus=True` keeps
     every rank stepping until all ranks are done, which a sharded (FSDP) model needs: each of its forwards is a
     collective, and a rank that stopped early would leave the others waiting forever.
     """
     _check_left_padded(input_ids, attention_mask)
-    config = _generation_config(tokenizer, max_new_tokens, do_sample, top_k, top_p, temperature)
+    config = _generation_config(
+        tokenizer, max_new_tokens, do_sample, top_k, top_p, temperature, no_repeat_ngram_size
+    )
     with eval_mode(model), _seeded_rng(seed, input_ids.device):
         sequences = model.generate(
             input_ids=input_ids,
@@ -546,7 +557,38 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| average | {total} | {cells(results['average'])} |")
     seeds = ", ".join(str(seed) for seed in results["seeds"])
     lines += ["", f"Mean ± std over {len(results['seeds'])} generation seed(s) ({seeds}); scores x100."]
+    if "generation" in results:
+        lines.append(protocol_line(results["generation"], results.get("data")))
     return "\n".join(lines) + "\n"
+
+
+def protocol_line(generation: dict[str, Any], data: dict[str, Any] | None = None) -> str:
+    """The protocol a results table ran under, in one line: sampling, length budget, prompt and reference filters.
+
+    `generation` is the run's generation settings (as a dict); `data`, when known, the data module's
+    `eval_protocol()`: prompt length limit, prompts truncated and rows dropped for short references per set.
+    """
+    g = generation
+    if g.get("do_sample", True):
+        decoding = f"sampling (top_k {g['top_k']}, top_p {g['top_p']}, temperature {g['temperature']})"
+    else:
+        decoding = "greedy decoding"
+    ngram = g.get("no_repeat_ngram_size", 0)
+    parts = [
+        f"Protocol: {decoding}",
+        f"no_repeat_ngram_size {ngram}" if ngram else "no n-gram blocking",
+        f"at most {g['max_new_tokens']} new tokens",
+    ]
+    if data:
+        truncated = sum(data.get("prompts_truncated", {}).values())
+        parts.append(f"prompts cut to their first {data['max_prompt_length']} tokens ({truncated} cut)")
+        minimum = data.get("min_reference_tokens") or {}
+        dropped = data.get("short_references_dropped", {})
+        parts += [
+            f"{name}: references of at least {tokens} tokens ({dropped.get(name, 0)} rows dropped)"
+            for name, tokens in minimum.items()
+        ]
+    return "; ".join(parts) + "."
 
 
 def write_results(

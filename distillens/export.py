@@ -1,21 +1,39 @@
-"""Export a student from a `distillens fit` checkpoint, without building (or having) its teacher."""
+"""Export a student from a `distillens fit` checkpoint, without building (or having) its teacher.
+
+A LoRA student's checkpoint holds its adapters only: the export rebuilds the student from its recorded source
+(which must be reachable again: a folder, or a hub id in the cache), loads the adapters into it, and writes the
+merged model (a plain Hugging Face folder) or, on request, the adapter folder alone.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from distillens.models import ModelSpec, export_student, load_tokenizer
+from distillens.models import (
+    LoraSpec,
+    ModelSpec,
+    add_lora,
+    export_student,
+    load_model,
+    load_tokenizer,
+    merged_copy,
+)
 
 STUDENT_PREFIX = "student."
 
 
-def student_from_checkpoint(checkpoint_path: str | Path) -> tuple[PreTrainedModel, dict]:
-    """The student model of a checkpoint (architecture from its recorded config) and the checkpoint's hparams.
+def student_from_checkpoint(
+    checkpoint_path: str | Path, *, keep_adapter: bool = False
+) -> tuple[PreTrainedModel | PeftModel, dict]:
+    """The student model of a checkpoint and the checkpoint's hparams.
 
-    The checkpoint is read with ``weights_only=True``: it holds tensors and plain values only.
+    A full student is built from the architecture the checkpoint records; a LoRA student from its source plus the
+    checkpoint's adapters, returned merged (a plain model) unless ``keep_adapter``. The checkpoint is read with
+    ``weights_only=True``: it holds tensors and plain values only.
     """
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -23,15 +41,47 @@ def student_from_checkpoint(checkpoint_path: str | Path) -> tuple[PreTrainedMode
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if "student_config" not in checkpoint:
         raise ValueError(f"{path}: not a distillens checkpoint (no student_config recorded)")
-    config = dict(checkpoint["student_config"])
-    student = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    hparams = checkpoint.get("hyper_parameters", {})
     state = {
         k.removeprefix(STUDENT_PREFIX): v
         for k, v in checkpoint["state_dict"].items()
         if k.startswith(STUDENT_PREFIX)
     }
-    student.load_state_dict(state, strict=True)
-    return student.eval(), checkpoint.get("hyper_parameters", {})
+    if (hparams.get("student") or {}).get("lora") is None:
+        config = dict(checkpoint["student_config"])
+        student = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+        student.load_state_dict(state, strict=True)
+        return student.eval(), hparams
+    if any("lora_" not in key for key in state):  # base weights saved too (a student from a random config)
+        student = _student_from_config(checkpoint["student_config"], hparams["student"]["lora"])
+        student.load_state_dict(state, strict=True)
+    else:
+        student = _lora_student(hparams, state, path)
+    return (student if keep_adapter else merged_copy(student)).eval(), hparams
+
+
+def _student_from_config(config: dict, lora: dict) -> PeftModel:
+    config = dict(config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    return add_lora(model, LoraSpec(**lora))
+
+
+def _lora_student(hparams: dict, adapters: dict[str, torch.Tensor], path: Path) -> PeftModel:
+    """The student rebuilt from its source (and teacher, for a layer subset) with the checkpoint's adapters."""
+    spec = ModelSpec(**hparams["student"])
+    teacher_spec = hparams.get("teacher")
+    teacher = (
+        load_model(ModelSpec(**teacher_spec))
+        if spec.init_from_teacher_layers is not None and teacher_spec
+        else None
+    )
+    student = load_model(spec, teacher=teacher)
+    missing, unexpected = student.load_state_dict(adapters, strict=False)
+    frozen = {name for name, p in student.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    wrong = sorted(unexpected) + sorted(set(missing) - frozen)
+    if wrong:
+        raise ValueError(f"{path}: its adapters do not fit the student rebuilt from its source ({wrong[:3]})")
+    return student
 
 
 def tokenizer_from_hparams(hparams: dict):
@@ -43,7 +93,10 @@ def tokenizer_from_hparams(hparams: dict):
     raise ValueError("the checkpoint's hyper-parameters name no tokenizer source for student or teacher")
 
 
-def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
-    """Write the checkpoint's student as a Hugging Face folder (safetensors + tokenizer)."""
-    student, hparams = student_from_checkpoint(checkpoint_path)
-    return export_student(student, tokenizer_from_hparams(hparams), out_dir)
+def export_checkpoint(
+    checkpoint_path: str | Path, out_dir: str | Path, *, adapter_only: bool = False
+) -> Path:
+    """Write the checkpoint's student as a Hugging Face folder (safetensors + tokenizer): merged by default; with
+    ``adapter_only``, a LoRA student's adapter folder alone."""
+    student, hparams = student_from_checkpoint(checkpoint_path, keep_adapter=adapter_only)
+    return export_student(student, tokenizer_from_hparams(hparams), out_dir, adapter_only=adapter_only)

