@@ -2,8 +2,9 @@
 
 Configs are only *parsed* (``distillens fit --config ... --print_config``): no model is built, no data is read and the
 hub is never contacted, so the GPU setups are checked on any machine. Trainer overlays (configs/trainer/) are meant
-as a second ``--config`` and are parsed on top of configs/tiny.yaml. The expected values below are copied from
-DESIGN.md section 1 (the paper), not from the configs.
+as a second ``--config`` and are parsed on top of configs/tiny.yaml. The expected values below are copied from the
+paper and from the reference run scripts (DistillLens repository, scripts/ and arguments.py, commit 3336a20), not
+from the configs, so that a later edit of a config cannot drift from them silently.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import lightning as L
 import pytest
+import torch
 import yaml
+from torch.utils.data import DataLoader, TensorDataset
 
+from distillens.callbacks import SequencesPerStep, accumulation_for
 from distillens.cli import run_cli
-from distillens.module import LayerPairs
+from distillens.module import LayerPairs, evenly_spaced
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -57,6 +62,57 @@ DISTILLLENS_LOSS = {  # the paper's DistillLens runs
 }
 KD_BASELINE_LOSS = {"ce_weight": 0.5, "kd_weight": 0.5, "kd_divergence": "forward_kl", "lens_weight": 0.0}
 GPU_SETUPS = [*PAPER_PAIRS, "kd.yaml", "sft.yaml"]
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """What a reference run script sets: peak learning rate, sequences per optimizer step on its 4 GPUs, epochs,
+    gradient checkpointing, and the student's LoRA (None: full fine-tuning)."""
+
+    lr: float
+    sequences_on_4_gpus: int
+    epochs: int
+    gradient_checkpointing: bool = False
+    lora: dict[str, float] | None = None
+
+
+REFERENCE_RUNS = {
+    "gpt2.yaml": ReferenceRun(lr=2e-4, sequences_on_4_gpus=16, epochs=20),
+    "gpt2-medium.yaml": ReferenceRun(lr=5e-5, sequences_on_4_gpus=16, epochs=20),
+    "kd.yaml": ReferenceRun(lr=2e-4, sequences_on_4_gpus=16, epochs=20),
+    "sft.yaml": ReferenceRun(lr=5e-4, sequences_on_4_gpus=8, epochs=20),
+    "llama.yaml": ReferenceRun(lr=5e-6, sequences_on_4_gpus=4, epochs=10, gradient_checkpointing=True),
+    "qwen.yaml": ReferenceRun(
+        lr=1e-4,
+        sequences_on_4_gpus=4,
+        epochs=10,
+        gradient_checkpointing=True,
+        lora={"r": 8, "alpha": 32.0, "dropout": 0.1, "target_modules": None},
+    ),  # fmt: skip
+}
+REFERENCE_COMMON = {  # every reference run script (and arguments.py's defaults where a script sets nothing)
+    "seed_everything": 10,
+    "trainer.max_epochs": None,  # per run, above
+    "trainer.gradient_clip_val": 1.0,
+    "trainer.accumulate_grad_batches": 1,  # SequencesPerStep sets it from the device count
+    "trainer.check_val_every_n_epoch": 1,
+    "model.optimizer.weight_decay": 0.01,
+    "model.optimizer.warmup": 0.0,
+    "model.optimizer.min_lr": 1e-7,
+    "data.max_length": 512,
+    "data.max_prompt_length": 256,
+}
+REFERENCE_GENERATION = {  # arguments.py's generation arguments, which the eval scripts leave unchanged
+    "do_sample": True,
+    "top_k": 0,
+    "top_p": 1.0,
+    "temperature": 1.0,
+    "no_repeat_ngram_size": 6,
+    "max_new_tokens": 256,  # prompts left-padded to 256 tokens, generation up to a total of 512
+    "seeds": [10, 20, 30, 40, 50],
+    "every_n_val": 1,  # validation ROUGE-L at every validation, i.e. once per epoch
+}
+REFERENCE_MIN_REFERENCE_TOKENS = {"sni": 11, "unni": 11}
 EVAL_SETS = ["dolly", "selfinst", "vicuna", "sni", "unni"]  # MiniLLM-layout sets users place under data/eval/
 DOLLY = "databricks/databricks-dolly-15k"
 RUN_CALLBACKS = {
@@ -234,8 +290,131 @@ def test_sft_baseline_trains_the_gpt2_student_alone_on_cross_entropy() -> None:
     assert sft["model"]["teacher"] is None
     assert loss["ce_weight"] > 0
     assert (loss["kd_weight"], loss["lens_weight"], loss["mse_weight"]) == (0.0, 0.0, 0.0)
-    objective = ("model.loss", "model.layers", "model.teacher", "trainer.logger.init_args.name")
+    # the reference's SFT script differs from the DistillLens one by its learning rate and batch too
+    differences = ("model.optimizer.lr", "data.batch_size", "trainer.callbacks")
+    objective = ("model.loss", "model.layers", "model.teacher", "trainer.logger.init_args.name", *differences)
     assert without(sft, *objective) == without(gpt2, *objective)
+    sft_callbacks = {c["class_path"]: c.get("init_args") for c in sft["trainer"]["callbacks"]}
+    gpt2_callbacks = {c["class_path"]: c.get("init_args") for c in gpt2["trainer"]["callbacks"]}
+    sft_callbacks.pop(SEQUENCES), gpt2_callbacks.pop(SEQUENCES)
+    assert sft_callbacks == gpt2_callbacks
+
+
+# ------------------------------------------------------------------------------------------------- the reference's runs
+
+SEQUENCES = "distillens.callbacks.SequencesPerStep"
+
+
+def callback_init(config: dict[str, Any], class_path: str) -> dict[str, Any]:
+    """The init_args of the one callback of a printed config with this class path."""
+    found = [c.get("init_args", {}) for c in config["trainer"]["callbacks"] if c["class_path"] == class_path]
+    assert len(found) == 1, f"{class_path}: {len(found)} such callbacks"
+    return found[0]
+
+
+@pytest.mark.parametrize("name", REFERENCE_RUNS)
+def test_paper_setup_has_the_reference_run_scripts_values(name: str) -> None:
+    config, run = setup_config(name), REFERENCE_RUNS[name]
+    leaves = flatten(config)
+    expected = REFERENCE_COMMON | {"trainer.max_epochs": run.epochs, "model.optimizer.lr": run.lr}
+    assert {key: leaves.get(key, "<absent>") for key in expected} == expected
+    student = config["model"]["student"]
+    assert student["gradient_checkpointing"] is run.gradient_checkpointing
+    assert student["lora"] == run.lora
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+@pytest.mark.parametrize("name", REFERENCE_RUNS)
+def test_paper_setup_keeps_the_reference_sequences_per_step_on_any_gpu_count(name: str, gpus: int) -> None:
+    config, run = setup_config(name), REFERENCE_RUNS[name]
+    sequences, batch_size = callback_init(config, SEQUENCES)["sequences"], config["data"]["batch_size"]
+    assert sequences == run.sequences_on_4_gpus
+    accumulation = accumulation_for(sequences, batch_size, gpus)
+    assert batch_size * gpus * accumulation == sequences
+    if gpus == 4:
+        assert accumulation == 1, "the reference accumulates nothing on its 4 GPUs"
+
+
+@pytest.mark.parametrize("name", REFERENCE_RUNS)
+def test_paper_setup_keeps_the_checkpoint_with_the_best_validation_rouge(name: str) -> None:
+    config = setup_config(name)
+    checkpoint = callback_init(config, "lightning.pytorch.callbacks.ModelCheckpoint")
+    assert (checkpoint["monitor"], checkpoint["mode"], checkpoint["save_last"]) == ("val/rougeL", "max", True)
+    assert "val/rougeL" in checkpoint["filename"]
+    assert config["model"]["generation"]["metrics"][0] == "rougeL"
+
+
+@pytest.mark.parametrize("name", REFERENCE_RUNS)
+def test_paper_setup_generates_under_the_reference_protocol(name: str) -> None:
+    config = setup_config(name)
+    generation = config["model"]["generation"]
+    assert {key: generation[key] for key in REFERENCE_GENERATION} == REFERENCE_GENERATION
+    assert generation["max_prompts"] in (None, 960)  # the reference's --dev-num: 1000 (all), or 960 for Qwen
+    assert config["data"]["min_reference_tokens"] == REFERENCE_MIN_REFERENCE_TOKENS
+
+
+def test_qwen_setup_distils_base_models_into_a_lora_student_with_an_adapted_teacher() -> None:
+    model = setup_config("qwen.yaml")["model"]
+    assert (model["teacher"]["source"], model["student"]["source"]) == (
+        "Qwen/Qwen2.5-3B",
+        "Qwen/Qwen2.5-1.5B",
+    )
+    assert model["teacher"]["adapter"] and model["teacher"]["lora"] is None
+    assert setup_config("qwen.yaml")["model"]["generation"]["max_prompts"] == 960  # --dev-num 960
+
+
+def test_llama_pairs_follow_no_single_rounding_rule() -> None:
+    """What llama.yaml's comment says: rounding j * L / 6 gives the student's pairs, rounding down the teacher's."""
+    student, teacher = PAPER_PAIRS["llama.yaml"].student, PAPER_PAIRS["llama.yaml"].teacher
+    assert evenly_spaced(22, 5) == student and evenly_spaced(32, 5) != teacher
+    assert [j * 32 // 6 for j in range(1, 6)] == teacher and [j * 22 // 6 for j in range(1, 6)] != student
+
+
+# ------------------------------------------------------------------------------------------------- SequencesPerStep
+
+
+class _Rows(L.LightningDataModule):
+    def __init__(self, rows: int, batch_size: int) -> None:
+        super().__init__()
+        self.rows, self.batch_size = rows, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(self.rows, 3)), batch_size=self.batch_size)
+
+
+class _Linear(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+        self.planned_steps: int | None = None
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).square().mean()
+
+    def configure_optimizers(self):
+        self.planned_steps = self.trainer.estimated_stepping_batches  # what the schedule is built for
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_sequences_per_step_sets_the_accumulation_before_the_schedule_is_planned() -> None:
+    module = _Linear()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, callbacks=[SequencesPerStep(8)], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=_Rows(rows=16, batch_size=2))  # 8 micro-batches of 2
+    assert trainer.accumulate_grad_batches == 4
+    assert trainer.global_step == module.planned_steps == 2
+
+
+def test_sequences_per_step_that_cannot_divide_names_the_fix() -> None:
+    assert [accumulation_for(16, 4, gpus) for gpus in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(ValueError, match="use a data.batch_size that divides 2"):
+        accumulation_for(16, 4, 8)
+    with pytest.raises(ValueError, match="cannot be split evenly over 8 devices"):
+        accumulation_for(4, 1, 8)
+    with pytest.raises(ValueError, match="sequences=0"):
+        SequencesPerStep(0)
 
 
 # ------------------------------------------------------------------------------------------------- --help
