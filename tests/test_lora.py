@@ -18,24 +18,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import lightning as L
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
 from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from distillens.callbacks import ExportStudent
-from distillens.cli import main
+from distillens.cli import main, run_cli
 from distillens.distributed import FSDP2Strategy, full_state_dict, is_sharded
 from distillens.export import export_checkpoint
 from distillens.lens import LogitLens
 from distillens.models import LoraSpec, ModelSpec, add_lora, is_lora, load_model
 from distillens.module import DistillationModule
 
+REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 ROWS, LENGTH, VOCAB = 4, 12, 256
 WORKER_TIMEOUT_S = 240
@@ -323,6 +326,44 @@ def test_export_command_merges_by_default_and_writes_the_adapter_on_request(runs
 def test_adapter_only_export_of_a_full_student_is_refused(runs, tmp_path):
     with pytest.raises(ValueError, match="adapter_only: this student has no LoRA adapter"):
         export_checkpoint(runs["dir"] / "full.ckpt", tmp_path / "out", adapter_only=True)
+
+
+def test_cli_fits_a_lora_student_exports_it_both_ways_and_tests_under_the_protocol(tmp_path, capsys):
+    """The user's path: configs/tiny.yaml with model.student.lora, `distillens export` (merged, --adapter-only),
+    `distillens test` under the evaluation protocol. The tiny student comes from a random config, so its checkpoint
+    keeps the base weights (nothing could rebuild them) and the export builds the student from the checkpoint."""
+    data = REPO / "data" / "instructions"
+    args = [
+        "--config", str(REPO / "configs" / "tiny.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.limit_test_batches", "1", "--model.student.lora", "{r: 4, alpha: 8.0, dropout: 0.0}",
+        "--model.generation.seeds", "[10]", "--model.generation.no_repeat_ngram_size", "6",
+        "--data.train", str(data / "train.jsonl"), "--data.validation", str(data / "validation.jsonl"),
+        "--data.test", str(data / "test.jsonl"), "--data.min_reference_tokens", "{instructions: 11}",
+        "--data.cache_dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    with mock.patch.object(sys, "argv", ["distillens"]):
+        fitted = run_cli(["fit", *args])
+    student, run = fitted.model.student, tmp_path / "tiny"
+    assert is_lora(student)
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    main(["export", str(checkpoint), str(tmp_path / "merged")])
+    ids = sample_ids()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged, ids), logits(student, ids), rtol=1e-5, atol=1e-5)
+    main(["export", str(checkpoint), str(tmp_path / "adapter"), "--adapter-only"])
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    trained = {k: v for k, v in student.state_dict().items() if "lora_" in k}
+    assert len(saved) == len(trained) > 0
+    for key, value in saved.items():
+        torch.testing.assert_close(value, trained[key.replace(".weight", ".default.weight")], msg=key)
+    with mock.patch.object(sys, "argv", ["distillens"]):
+        run_cli(["test", *args, "--ckpt_path", str(checkpoint)])
+    protocol = (run / "eval" / "results.md").read_text().splitlines()[-1]
+    assert (
+        "no_repeat_ngram_size 6" in protocol and "instructions: references of at least 11 tokens" in protocol
+    )
+    assert "student exported" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------
