@@ -66,3 +66,22 @@ def smollm2_tokenizer():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_module(monkeypatch):
+    """Factory of a built DistillationModule (or subclass) on tiny random Llamas: a 2-block student of width 32
+    and a 4-block teacher of width 48 unless told otherwise; no tokenizer is loaded."""
+    from reference import tiny_llama
+
+    from distillens.module import DistillationModule
+
+    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+
+    def build(cls=DistillationModule, *, student=(2, 32), teacher=(4, 48), vocab=101, **kwargs):
+        teacher_spec = tiny_llama(*teacher, vocab) if teacher is not None else None
+        module = cls(student=tiny_llama(*student, vocab), teacher=teacher_spec, **kwargs)
+        module.configure_model()
+        return module
+
+    return build

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import Objective, objective_sums, supervised_batch, weighted
 
 from distillens import losses
 from distillens.models import ModelSpec
@@ -191,3 +194,75 @@ def test_tokenizers_with_different_token_ids_are_an_error(tmp_path, gpt2_tokeniz
     teacher.tokenizer = str(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="teacher tokenizer .*gpt2.* and student tokenizer .*smol.* differ"):
         DistillationModule(student=student, teacher=teacher)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The module's settings of the objective, each against tests/reference.py (written from the definitions)
+
+OBJECTIVE_CASES = {
+    # the paper's DistillLens defaults: reverse KL at the output, JSD (beta 0.5) between lens distributions, T = 1
+    "defaults": (
+        {},
+        Objective(kd_divergence="reverse_kl", lens_divergence="jsd", lens_params={"beta": 0.5}),
+        ([1, 2], [2, 4]),
+    ),
+    "temperature": (
+        {"temperature": 2.5, "kd_divergence": "forward_kl"},
+        Objective(kd_divergence="forward_kl", temperature=2.5),
+        ([1, 2], [2, 4]),
+    ),
+    "divergence-params": (
+        {
+            "kd_divergence": "jsd",
+            "kd_params": {"beta": 0.2},
+            "lens_divergence": "skew_reverse_kl",
+            "lens_params": {"alpha": 0.3},
+        },
+        Objective(
+            kd_divergence="jsd",
+            kd_params={"beta": 0.2},
+            lens_divergence="skew_reverse_kl",
+            lens_params={"alpha": 0.3},
+        ),
+        ([1, 2], [2, 4]),
+    ),  # fmt: skip
+    "no-final-norm": (  # the published lens: the unembedding applied to the raw residual stream
+        {"lens_final_norm": False},
+        Objective(lens_final_norm=False),
+        ([0, 1], [1, 3]),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", OBJECTIVE_CASES)
+def test_objective_settings_equal_an_independent_computation(case, tiny_module):
+    loss, objective, (student_layers, teacher_layers) = OBJECTIVE_CASES[case]
+    module = tiny_module(
+        loss=LossConfig(ce_weight=0.3, kd_weight=0.5, lens_weight=0.7, chunk_size=4, **loss),
+        layers=LayerPairs(student=student_layers, teacher=teacher_layers),
+    )
+    objective = dataclasses.replace(
+        objective, ce_weight=0.3, kd_weight=0.5, lens_weight=0.7, student_layers=student_layers,
+        teacher_layers=teacher_layers,
+    )  # fmt: skip
+    module.train()
+    batch = supervised_batch(7, [3, 8, 5], length=11)  # three rows, three different masks
+    got = module(batch)
+    expected = objective_sums(module.student, module.teacher, batch, objective)
+    assert int(got["tokens"]) == int(expected["tokens"]) == 8 + 3 + 6
+    for name in ("ce", "kd", "lens"):
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(module.weighted_sum(got), weighted(expected, objective), rtol=1e-4, atol=1e-6)
+
+
+def test_default_objective_is_the_papers():
+    """Reverse KL at the output and JSD between lens distributions, weights 1 and 1, no CE, T = 1, final norm on."""
+    config = LossConfig()
+    assert (config.kd_divergence, config.lens_divergence) == ("reverse_kl", "jsd")
+    assert (config.ce_weight, config.kd_weight, config.lens_weight, config.mse_weight) == (0.0, 1.0, 1.0, 0.0)
+    assert (config.temperature, config.lens_final_norm, config.kd_params, config.lens_params) == (
+        1.0,
+        True,
+        {},
+        {},
+    )

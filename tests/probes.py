@@ -1,0 +1,40 @@
+"""Callbacks that record what a real `distillens fit` process did, for tests to recompute it independently.
+
+A test adds them to a run through a config overlay (``class_path: probes.RecordRun``) and puts tests/ on the run's
+PYTHONPATH. They only read: the run trains exactly as it would without them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class RecordRun(L.Callback):
+    """Saves the initial weights and configs of student and teacher (``start.pt``) and every batch each rank trains
+    on (``batch-step<global step>-rank<rank>-<batch index>.pt``) under ``folder``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if trainer.global_rank != 0 or (self.folder / "start.pt").exists():
+            return  # a resumed run does not start from the initial weights
+        record = {
+            name: {
+                "config": model.config.to_dict(),
+                "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            }
+            for name, model in (("student", pl_module.student), ("teacher", pl_module.teacher))
+        }
+        torch.save(record, self.folder / "start.pt")
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
+        tensors = {k: v.detach().cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        name = f"batch-step{trainer.global_step}-rank{trainer.global_rank}-{batch_idx}.pt"
+        torch.save(tensors, self.folder / name)
