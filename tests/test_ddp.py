@@ -29,6 +29,16 @@ import torch
 import yaml
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.utilities.data import _update_dataloader  # what Lightning itself does under DDP
+from reference import (
+    Objective,
+    checkpoint_student,
+    grad_norm,
+    probe_models,
+    probe_steps,
+    relative_difference,
+    train_reference,
+    warmup_cosine_lr,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
@@ -43,6 +53,9 @@ DDP_TIMEOUT_S = 240
 WORLD = 2
 MAX_STEPS = 6  # configs/tiny.yaml
 RESUME_STEP = 4  # 20 rows over 2 ranks in batches of 4: 3 batches per epoch, so step 4 is inside epoch 1
+TESTS = Path(__file__).resolve().parent
+CLIP = 0.005  # gradient clipping of the DDP runs: between their first steps' gradient norms (0.0033 to 0.006)
+REPLAYED_STEPS = 3  # steps recomputed independently: two after the first, for the token count's reset
 
 # ------------------------------------------------------------------------------------------------ real DDP runs
 
@@ -60,8 +73,9 @@ def ddp_args(folder: Path, cache_dir: Path, *extra: str) -> list[str]:
             "auto_insert_metric_name": False,
         },
     }
-    callbacks = [checkpoint_every_step, {"class_path": "distillens.callbacks.ExportStudent"}]
-    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    probe = {"class_path": "probes.RecordRun", "init_args": {"folder": str(folder / "probe")}}
+    callbacks = [checkpoint_every_step, {"class_path": "distillens.callbacks.ExportStudent"}, probe]
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks, "gradient_clip_val": CLIP}}))
     return [
         "fit", "--config", str(REPO / "configs" / "tiny.yaml"), "--config", str(overlay),
         "--trainer.strategy", "ddp", "--trainer.devices", str(WORLD),
@@ -90,8 +104,9 @@ def run_process_group(args: list[str], log: Path) -> Finished:
     """
     with log.open("w") as output:
         process = subprocess.Popen(
-            [DISTILLENS, *args], cwd=REPO, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            [DISTILLENS, *args], cwd=REPO, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            env=os.environ | {"PYTHONPATH": str(TESTS)},  # the probes
+        )  # fmt: skip
     descendants: dict[int, psutil.Process] = {}
     deadline = time.monotonic() + DDP_TIMEOUT_S
     while process.poll() is None:
@@ -152,6 +167,32 @@ def test_ddp_fit_succeeds_on_two_cpu_processes(ddp_run):
     assert checkpoint["global_step"] == MAX_STEPS
     # each rank trains on half the 20 rows: 3 batches of 4 per epoch (1 device would make 5)
     assert checkpoint["InstructionDataModule"]["train_position"] == {"epoch": 1, "batches": 3}
+
+
+def test_ddp_steps_equal_plain_pytorch_over_both_ranks_tokens(ddp_run):
+    """The plain DDP run pinned to an independent value: after each of its first steps, the weights of AdamW
+    (configs/tiny.yaml: lr 1e-3, 2 warm-up steps of 6, cosine to 0.1, weight decay 0.01) clipped at CLIP, applied
+    to the gradient of the token mean of the paper's objective over both ranks' batches (tests/reference.py)."""
+    folder, _ = ddp_run
+    probe = folder / "probe"
+    student, teacher, start = probe_models(probe)
+    steps = probe_steps(probe, REPLAYED_STEPS)
+    assert all(len(batches) == WORLD for batches in steps)
+    tokens = [[int((b["labels"][:, 1:] != -100).sum()) for b in batches] for batches in steps]
+    assert all(a != b for a, b in tokens), f"ranks with equal token counts {tokens}: a weaker check"
+    lrs = [warmup_cosine_lr(k, 1e-3, 2, MAX_STEPS, 0.1) for k in range(REPLAYED_STEPS)]
+    objective = Objective(
+        student_layers=[1], teacher_layers=[2]
+    )  # the paper's defaults: reverse KL + JSD lens
+    reference = train_reference(student, teacher, steps, objective, lrs, weight_decay=0.01, clip=CLIP)
+    norms = [grad_norm(record.grads) for record in reference]
+    assert min(norms) < CLIP < max(norms), f"clipping should act on some steps only: gradient norms {norms}"
+    for step in range(1, REPLAYED_STEPS + 1):
+        saved = checkpoint_student(folder / "tiny" / "checkpoints" / f"step{step}.ckpt")
+        difference = relative_difference(saved, reference[step - 1].weights, start)
+        assert difference < 1e-3, (
+            f"weights after step {step} off the reference by {difference:.3g} of the update"
+        )
 
 
 def test_ddp_fit_leaves_no_process_behind(ddp_run):

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from reference import Objective, objective_sums, supervised_batch, weighted
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from distillens import losses
 from distillens.models import ModelSpec
-from distillens.module import DistillationModule, LayerPairs, LossConfig, evenly_spaced, warmup_cosine
+from distillens.module import (
+    DistillationModule,
+    LayerPairs,
+    LossConfig,
+    OptimizerConfig,
+    evenly_spaced,
+    warmup_cosine,
+)
 
 VOCAB = 101
 
@@ -117,9 +126,13 @@ def test_teacher_is_frozen_unsaved_and_outside_the_optimizer(module):
 
 
 def test_checkpoint_records_the_student_architecture(module):
+    """Enough to rebuild the student without its teacher: the same architecture, every weight fitting."""
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
-    assert checkpoint["student_config"]["num_hidden_layers"] == 2
+    config = dict(checkpoint["student_config"])
+    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    assert rebuilt.config.num_hidden_layers == 2 and rebuilt.config.hidden_size == 32
+    rebuilt.load_state_dict(module.student.state_dict())  # strict: same names and shapes
 
 
 def test_sft_without_teacher_trains_on_cross_entropy_only(monkeypatch, batch):
@@ -176,12 +189,53 @@ def test_evenly_spaced_pairs_reproduce_the_papers_choices():
     assert LayerPairs(count=2).resolve(6, 12) == ([2, 4], [4, 8])
 
 
-def test_warmup_then_cosine_schedule():
-    schedule = warmup_cosine(warmup=4, total=14, min_ratio=0.1)
-    values = [schedule(step) for step in range(15)]
-    assert values[0] < values[1] < values[3] < values[4] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
-    assert values[14] == pytest.approx(0.1)
+@pytest.mark.parametrize(
+    ("step", "multiplier"),
+    [
+        (0, 1 / 5),  # warm-up: (step + 1) / (warmup + 1), so the first step already learns
+        (2, 3 / 5),
+        (4, 1.0),  # the peak, where the cosine starts
+        (9, 0.1 + 0.9 * 0.5),  # half-way through the cosine: between peak and floor
+        (14, 0.1),  # the last step: min_ratio
+        (20, 0.1),  # beyond the planned steps: stays at the floor
+    ],
+)
+def test_warmup_then_cosine_schedule_values(step, multiplier):
+    assert warmup_cosine(warmup=4, total=14, min_ratio=0.1)(step) == pytest.approx(multiplier)
+
+
+def optimizer_of(module: DistillationModule, total_steps: int):
+    module.trainer = SimpleNamespace(estimated_stepping_batches=total_steps)  # all configure_optimizers reads
+    return module.configure_optimizers()
+
+
+def test_first_step_learning_rate_follows_the_warmup_fraction(tiny_module):
+    """warmup 0.05 of 100 steps = 5 warm-up steps: the first step runs at lr / 6, not 0."""
+    module = tiny_module(optimizer=OptimizerConfig(lr=3e-4, warmup=0.05))
+    optimizer = optimizer_of(module, 100)["optimizer"]
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([3e-4 / 6] * 2)
+
+
+GPT2 = dict(model_type="gpt2", vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+
+
+def test_norms_and_biases_are_not_decayed(monkeypatch):
+    """Checked by name on GPT-2 (biases and LayerNorms everywhere) and Llama (RMSNorms, no biases)."""
+    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    for student in (ModelSpec(config=GPT2, tokenizer="unused"), llama(2, 32)):
+        module = DistillationModule(
+            student=student, teacher=student, optimizer=OptimizerConfig(weight_decay=0.3)
+        )
+        module.configure_model()
+        optimizer = optimizer_of(module, 10)["optimizer"]
+        decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+        names = dict(module.named_parameters())
+        assert decay.keys() == {id(p) for p in names.values()}, "every trained parameter, each once"
+        for name, param in names.items():
+            norm_or_bias = name.endswith(".bias") or any(n in name for n in ("ln_", "norm"))
+            assert decay[id(param)] == (0.0 if norm_or_bias else 0.3), name
+        if student.config["model_type"] == "gpt2":  # the case biases are there to test
+            assert any(name.endswith(".bias") for name in names)
 
 
 def test_tokenizers_with_different_token_ids_are_an_error(tmp_path, gpt2_tokenizer, smollm2_tokenizer):
