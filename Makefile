@@ -8,7 +8,7 @@ CONFIG ?= configs/default.yaml
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all train tensorboard bench bench-train gpu-check lint format clean
+.PHONY: help install test test-all train tensorboard bench bench-train bench-memory profile gpu-check lint format clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,8 +36,14 @@ tensorboard: $(STAMP) ## Serve the TensorBoard curves of every run under logs/
 bench: $(STAMP) ## Lens-loss benchmark: naive vs chunked (vs Liger if installed), memory and time, GPT-2 scale
 	$(PY) benchmarks/lens_loss.py $(ARGS)
 
-bench-train: $(STAMP) ## Training-step benchmark: KD only vs DistillLens chunked vs naive
+bench-train: $(STAMP) ## Training-step speed, default shapes: KD only vs DistillLens exact vs m=1, fp32 and bf16
+	$(PY) benchmarks/train_speed.py $(ARGS)
+
+bench-memory: $(STAMP) ## Training-step memory: KD only vs DistillLens chunked vs naive, peak memory and tokens/s
 	$(PY) benchmarks/train_step.py $(ARGS)
+
+profile: $(STAMP) ## Profile one training step of CONFIG: time, FLOPs and GFLOP/s of every part
+	$(PY) benchmarks/profile_step.py --config $(CONFIG) $(ARGS)
 
 gpu-check: $(STAMP) ## On a CUDA machine: GPU-marked tests and the CUDA benchmarks
 	bash benchmarks/gpu_check.sh

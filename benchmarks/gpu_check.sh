@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make gpu-check`: the GPU-marked tests, then the CUDA training-step benchmark, on one GPU within 8 minutes.
+# `make gpu-check`: the GPU-marked tests, then the CUDA training-step benchmarks (memory, speed), on one GPU within
+# about 10 minutes.
 #
 #   bash benchmarks/gpu_check.sh                  a CUDA machine with the project installed (.venv), or
 #                                                 a bare one with python3 + torch/lightning/transformers (see below)
@@ -14,8 +15,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 nltk==3.10.4 defusedxml==0.7.1)
-TESTS_LIMIT_S=200  # the GPU tests; the benchmark gets the rest of the 8 minutes
-BENCH_LIMIT_S=250
+TESTS_LIMIT_S=200  # the GPU tests; the two benchmarks share the rest of about 9 minutes
+BENCH_LIMIT_S=200
+SPEED_LIMIT_S=150
 
 fetch_wheels() {
     local pip=(python3 -m pip)
@@ -55,14 +57,18 @@ run_checks() {
     if [[ $dry_run == 1 ]]; then
         echo "== dry run on CPU: the GPU tests skip, the benchmark runs its CPU workload briefly"
         bench=(--device cpu --tokens 32 --warmup 0 --steps 1 --batches 3)
+        speed=(--workload tiny --device cpu --rounds 1)
     else
         "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || return 1
         bench=(--device cuda --warmup 2 --steps 5 --batches 8 16 32 --timeout 120)
+        speed=(--workload gpt2 --device cuda --warmup 2 --rounds 5)
     fi
     echo "== GPU tests (pytest -m gpu), at most ${TESTS_LIMIT_S} s"
     timeout "$TESTS_LIMIT_S" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py || status=1
     echo "== training-step benchmark, at most ${BENCH_LIMIT_S} s"
     timeout "$BENCH_LIMIT_S" "$PY" benchmarks/train_step.py "${bench[@]}" --out "$out" || status=1
+    echo "== training-step speed (KD only, DistillLens exact and m=1; fp32 and bf16), at most ${SPEED_LIMIT_S} s"
+    timeout "$SPEED_LIMIT_S" "$PY" benchmarks/train_speed.py "${speed[@]}" --out "$out" || status=1
     echo "== gpu-check finished with status $status after ${SECONDS} s"
     return $status
 }

@@ -1,0 +1,264 @@
+"""Training-step speed side by side: KD only, DistillLens exact, DistillLens with m sampled pairs, in fp32 and bf16.
+
+All variants share one process, one set of random models and one batch, and are timed in interleaved rounds (each
+round times every variant once; the table reports medians), so a loaded machine slows them alike and the ratios stay
+meaningful. Only the objective (model.loss) and the precision change between variants:
+
+    kd     final-layer KD only (lens_weight 0)
+    exact  DistillLens, every layer pair (the chunked lens)
+    m1     DistillLens, one layer pair drawn per step (lens_pairs_per_step 1): an unbiased estimate of the lens term
+    fp32   32-true;  bf16  bf16-mixed (torch.autocast: bf16 matrix products, fp32 weights and divergences)
+
+Each row gives tokens/s, the step-time ratio to KD only at the same precision, the FLOP-limit ratio (the variant's
+FLOPs over KD-only's, counted by torch.utils.flop_counter over one step: the best ratio a FLOP-bound step can reach),
+the achieved GFLOP/s and, for bf16, the speed-up over fp32. Results: a table, and JSON under logs/bench/.
+
+    python benchmarks/train_speed.py                          # CPU: the embedded default's shapes (SmolLM2-135M 30 -> 6)
+    python benchmarks/train_speed.py --workload gpt2 --device cuda   # the paper's GPT-2 1.5B -> 124M shapes
+    python benchmarks/train_speed.py --workload tiny          # seconds: checks the benchmark itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import make_batch, scratch_tokenizer, synchronize  # noqa: E402  (the memory benchmark's helpers)
+
+REPO = Path(__file__).resolve().parents[1]
+OBJECTIVES: dict[str, dict] = {
+    "kd": {"lens_weight": 0.0},
+    "exact": {},
+    "m1": {"lens_pairs_per_step": 1},
+}
+"""Objective name -> LossConfig fields changed from the workload's DistillLens objective."""
+PRECISIONS = {"fp32": False, "bf16": True}
+"""Precision name -> whether the step runs under bf16 autocast (Lightning's bf16-mixed)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Random models of given shapes, their layer pairs and the batch shape."""
+
+    teacher: dict
+    student: dict
+    student_layers: list[int]
+    teacher_layers: list[int]
+    batch: int
+    tokens: int
+    supervised: float
+
+
+SMOLLM2 = dict(
+    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)  # fmt: skip
+GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
+GPT2 |= {"attn_pdrop": 0.0}
+TINY = dict(
+    model_type="llama", vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+)  # fmt: skip
+WORKLOADS = {
+    # configs/default.yaml: the student keeps teacher blocks 0, 6, 12, 18, 24, 29; batches of 8 rows of about 128
+    # tokens (about 1,000 tokens, a third of them supervised, as the bundled data gives)
+    "default": Workload(
+        teacher=SMOLLM2,
+        student={"init_from_teacher_layers": [0, 6, 12, 18, 24, 29]},
+        student_layers=[1, 2, 3, 4, 5],
+        teacher_layers=[1, 7, 13, 19, 25],
+        batch=8,
+        tokens=128,
+        supervised=0.33,
+    ),
+    # configs/gpt2.yaml: 124M (12 blocks) <- 1.5B (48 blocks), the paper's pairs
+    "gpt2": Workload(
+        teacher=GPT2 | {"n_embd": 1600, "n_layer": 48, "n_head": 25},
+        student={"config": GPT2 | {"n_embd": 768, "n_layer": 12, "n_head": 12}},
+        student_layers=[2, 4, 6, 8, 10],
+        teacher_layers=[8, 16, 24, 32, 40],
+        batch=4,
+        tokens=512,
+        supervised=0.5,
+    ),
+    "tiny": Workload(
+        teacher=TINY,
+        student={"init_from_teacher_layers": [0, 3]},
+        student_layers=[1, 2],
+        teacher_layers=[1, 4],
+        batch=2,
+        tokens=32,
+        supervised=0.5,
+    ),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--workload", choices=list(WORKLOADS), default="default", help="model and batch shapes"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES))
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (each times every variant once)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps of every variant first")
+    parser.add_argument("--chunk-size", type=int, default=256, help="rows per chunk of the chunked losses")
+    parser.add_argument("--out", type=Path, default=REPO / "logs" / "bench", help="folder for the JSON")
+    return parser.parse_args(argv)
+
+
+def build_module(workload: Workload, device: str, folder: Path, chunk_size: int):
+    """The DistillationModule (random weights, DistillLens objective) shared by every variant."""
+    from distillens.models import ModelSpec
+    from distillens.module import DistillationModule, LayerPairs, LossConfig
+
+    tokenizer = str(scratch_tokenizer(folder))
+    student = ModelSpec(**workload.student, tokenizer=tokenizer)
+    module = DistillationModule(
+        student=student,
+        teacher=ModelSpec(config=workload.teacher, tokenizer=tokenizer),
+        loss=LossConfig(chunk_size=chunk_size),
+        layers=LayerPairs(student=workload.student_layers, teacher=workload.teacher_layers),
+    )
+    with torch.device(device):
+        module.configure_model()
+    return module.to(device).train()
+
+
+def step(module, optimizer, batch, objective: str, bf16: bool) -> float:
+    """One training step of a variant: forward (teacher, student, objective), backward, AdamW."""
+    module.loss_config = dataclasses.replace(module.base_loss, **OBJECTIVES[objective])
+    with torch.autocast(module.device.type, torch.bfloat16, enabled=bf16):
+        terms = module(batch)
+        loss = module.weighted_sum(terms) / terms["tokens"].clamp_min(1)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    module._window_batches = 0  # as on_before_optimizer_step does: the next step draws afresh
+    return float(loss.detach())
+
+
+class FlopCounter(TorchDispatchMode):
+    """Sums the FLOPs of every operator torch.utils.flop_counter has a formula for (matrix products, attention).
+
+    FlopCounterMode itself also tracks modules with backward hooks, which autograd.grad inside the chunked lens
+    refuses; the formulas are the same.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(module, optimizer, batch, objective: str, bf16: bool) -> int:
+    """FLOPs of one step (matrix products and attention, forward and backward)."""
+    with FlopCounter() as counter:
+        step(module, optimizer, batch, objective, bf16)
+    return counter.flops
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    """Time every (objective, precision) in interleaved rounds; one row per variant."""
+    workload = WORKLOADS[args.workload]
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        module = build_module(workload, args.device, Path(folder), args.chunk_size)
+    module.base_loss = module.loss_config
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6)
+    batch_args = argparse.Namespace(
+        tokens=workload.tokens, supervised=workload.supervised, device=args.device
+    )
+    batch = make_batch(batch_args, workload.batch, module.student.config.vocab_size)
+    variants = [(o, p) for o in args.objectives for p in args.precisions]
+    rows = {v: {"objective": v[0], "precision": v[1], "seconds": []} for v in variants}
+    for objective, precision in variants:
+        row = rows[objective, precision]
+        row["loss"] = step(module, optimizer, batch, objective, PRECISIONS[precision])
+        for _ in range(args.warmup - 1):
+            step(module, optimizer, batch, objective, PRECISIONS[precision])
+        row["flops"] = count_flops(module, optimizer, batch, objective, PRECISIONS[precision])
+    for round_ in range(args.rounds):
+        for objective, precision in (
+            variants if round_ % 2 == 0 else variants[::-1]
+        ):  # no variant always first
+            synchronize(args.device)
+            start = time.perf_counter()
+            step(module, optimizer, batch, objective, PRECISIONS[precision])
+            synchronize(args.device)
+            rows[objective, precision]["seconds"].append(time.perf_counter() - start)
+        print(f"  round {round_ + 1}/{args.rounds} done", flush=True)
+    tokens = workload.batch * workload.tokens
+    for row in rows.values():
+        row["seconds_per_step"] = statistics.median(row["seconds"])
+        row["tokens_per_sec"] = tokens / row["seconds_per_step"]
+        row["gflops_per_sec"] = row["flops"] / row["seconds_per_step"] / 1e9
+    for (objective, precision), row in rows.items():
+        kd, fp32 = rows.get(("kd", precision)), rows.get((objective, "fp32"))
+        row["time_vs_kd"] = row["seconds_per_step"] / kd["seconds_per_step"] if kd else None
+        row["flop_limit_vs_kd"] = row["flops"] / kd["flops"] if kd else None
+        row["speedup_vs_fp32"] = fp32["seconds_per_step"] / row["seconds_per_step"] if fp32 else None
+    return list(rows.values())
+
+
+def table(rows: list[dict]) -> str:
+    ratio = lambda value: "-" if value is None else f"{value:.2f}x"  # noqa: E731
+    lines = [
+        f"{'objective':<9} {'precision':<9} {'s/step':>7} {'tokens/s':>9} {'time vs kd':>10} "
+        f"{'FLOP limit':>10} {'GFLOP/s':>8} {'vs fp32':>8} {'loss':>8}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['objective']:<9} {r['precision']:<9} {r['seconds_per_step']:>7.2f} {r['tokens_per_sec']:>9.0f} "
+            f"{ratio(r['time_vs_kd']):>10} {ratio(r['flop_limit_vs_kd']):>10} {r['gflops_per_sec']:>8.1f} "
+            f"{ratio(r['speedup_vs_fp32']):>8} {r['loss']:>8.4f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    workload = WORKLOADS[args.workload]
+    print(
+        f"training-step speed, workload {args.workload} on {args.device}: {workload.batch} x {workload.tokens} "
+        f"tokens ({workload.supervised:.0%} supervised), {len(workload.student_layers)} lens pairs, "
+        f"{args.warmup} warm-up step(s) and {args.rounds} interleaved round(s) per variant; torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
+    rows = measure(args)
+    print(table(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"train_speed_{args.workload}_{torch.device(args.device).type}.json"
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "workload": dataclasses.asdict(workload)}
+    record["rows"] = rows
+    out.write_text(json.dumps(record, indent=2))
+    print(f"saved {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
