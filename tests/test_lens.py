@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import divergence
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distillens import losses
@@ -61,11 +62,22 @@ def test_last_layer_lens_equals_model_logits(family, tokens):
         torch.testing.assert_close(hidden[i], out.hidden_states[i])
 
 
-def test_softcapping_and_logit_scale_are_part_of_the_lens():
-    """Without the family's post-processing the last-layer lens would differ from the logits."""
-    for family, attribute in (("gemma2", "softcap"), ("cohere", "logit_scale")):
-        lens = LogitLens(tiny_model(family))
-        assert getattr(lens, attribute) is not None
+@pytest.mark.parametrize(
+    ("family", "after_head"),
+    [
+        ("gemma2", lambda z: 3.0 * torch.tanh(z / 3.0)),  # final_logit_softcapping 3.0
+        ("cohere", lambda z: z * 0.25),  # logit_scale 0.25
+    ],
+)
+def test_softcapping_and_logit_scale_are_part_of_the_intermediate_lens(family, after_head, tokens):
+    """An intermediate layer's lens, written out: final norm, tied unembedding, then the family's post-processing."""
+    model = tiny_model(family)
+    lens = LogitLens(model)
+    with torch.no_grad():
+        states = model(tokens, output_hidden_states=True).hidden_states
+        for i in (0, 1, 2):
+            by_hand = after_head(model.model.norm(states[i]) @ model.model.embed_tokens.weight.T)  # (B, T, V)
+            torch.testing.assert_close(lens.logits(states[i]), by_hand)
 
 
 def test_gpt2_intermediate_lens_by_hand(tokens):
@@ -234,8 +246,11 @@ def test_lens_loss_under_no_grad_computes_no_gradients(pair_setup):
         student(tokens)
         teacher(tokens)
         loss, per_pair = lens_loss([hs[4]], [ht[6]], s_lens, t_lens, mask)
-    assert not loss.requires_grad
-    torch.testing.assert_close(loss, per_pair[0])
+        # the definition: mean over supervised tokens of JSD between the two models' logits (their last layers)
+        expected = divergence("jsd", student(tokens).logits[mask], teacher(tokens).logits[mask]).mean()
+    assert not loss.requires_grad and not per_pair.requires_grad
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(per_pair, expected[None])
 
 
 def test_lens_loss_all_masked_is_zero(pair_setup):
