@@ -21,6 +21,15 @@ from unittest import mock
 import pytest
 import torch
 import yaml
+from reference import (
+    Objective,
+    checkpoint_student,
+    probe_models,
+    probe_steps,
+    relative_difference,
+    train_reference,
+    warmup_cosine_lr,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distillens.cli import run_cli
@@ -31,10 +40,12 @@ DISTILLENS = Path(sys.executable).with_name("distillens")
 MAX_STEPS = 8  # the tiny data makes 5 batches per epoch: the run crosses an epoch boundary
 CURVES = ("train/loss", "lr-AdamW/pg1")  # LearningRateMonitor names the rate of each parameter group
 KILL_AFTER_STEP = 3
+REPLAYED_STEPS = 3  # steps of the uninterrupted run recomputed independently
 
 
-def resume_config(folder: Path, cache_dir: Path) -> Path:
-    """configs/tiny.yaml for MAX_STEPS steps, checkpointing (and keeping) every step, outputs under folder."""
+def resume_config(folder: Path, cache_dir: Path, probe: Path | None = None) -> Path:
+    """configs/tiny.yaml for MAX_STEPS steps, checkpointing (and keeping) every step, outputs under folder;
+    ``probe``: record the run's initial weights and batches there (tests/probes.py)."""
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     trainer = config["trainer"]
     trainer.update(max_steps=MAX_STEPS, enable_progress_bar=False)
@@ -51,6 +62,8 @@ def resume_config(folder: Path, cache_dir: Path) -> Path:
     }
     kept = [c for c in trainer["callbacks"] if c["class_path"].endswith("LearningRateMonitor")]
     trainer["callbacks"] = [checkpoint, *kept]
+    if probe is not None:
+        trainer["callbacks"].append({"class_path": "probes.RecordRun", "init_args": {"folder": str(probe)}})
     config["data"].update(
         train=str(DATA / "train.jsonl"), validation=str(DATA / "validation.jsonl"), cache_dir=str(cache_dir)
     )
@@ -89,10 +102,29 @@ def cache_dir(tmp_path_factory) -> Path:
 def uninterrupted(tmp_path_factory, cache_dir):
     """The reference: MAX_STEPS steps in one go. Returns (its run folder, its curves, batches per epoch)."""
     folder = tmp_path_factory.mktemp("uninterrupted")
-    cli = fit(resume_config(folder, cache_dir))
+    cli = fit(resume_config(folder, cache_dir, probe=folder / "probe"))
     assert cli.trainer.global_step == MAX_STEPS
     run = folder / "tiny"
     return run, curves(sorted(event_files(run))), cli.trainer.num_training_batches
+
+
+def test_uninterrupted_run_equals_plain_pytorch(uninterrupted):
+    """The reference of the resume tests pinned to an independent value: its first steps are AdamW (configs/
+    tiny.yaml: lr 1e-3, 2 warm-up steps, cosine to 0.1 at MAX_STEPS, weight decay 0.01) on the gradient of the
+    token mean of the paper's objective, written in tests/reference.py."""
+    run, _, _ = uninterrupted
+    probe = run.parent / "probe"
+    student, teacher, start = probe_models(probe)
+    lrs = [warmup_cosine_lr(k, 1e-3, 2, MAX_STEPS, 0.1) for k in range(REPLAYED_STEPS)]
+    objective = Objective(student_layers=[1], teacher_layers=[2])
+    steps = probe_steps(probe, REPLAYED_STEPS)
+    reference = train_reference(student, teacher, steps, objective, lrs, weight_decay=0.01)
+    for step in range(1, REPLAYED_STEPS + 1):
+        saved = checkpoint_student(run / "checkpoints" / f"step{step}.ckpt")
+        difference = relative_difference(saved, reference[step - 1].weights, start)
+        assert difference < 1e-3, (
+            f"weights after step {step} off the reference by {difference:.3g} of the update"
+        )
 
 
 def assert_continues(
