@@ -23,7 +23,7 @@ objective and its gradient in bf16-mixed against fp32 on the first batch.
     python benchmarks/profile_step.py --config configs/default.yaml --trainer.precision bf16-mixed --grad-check
 
 Any other option is passed to the CLI (``--model.loss.lens_pairs_per_step 1`` ...). Output: a table, and JSON under
-logs/bench/profile_<config name>.json.
+logs/bench/profile_<config name>_<precision>.json.
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"terms vs the module's own objective on the last batch: relative difference {module_difference:.2e}"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"profile_{Path(args.config[-1]).stem}.json"
+    out = args.out / f"profile_{Path(args.config[-1]).stem}_{precision}.json"
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"saved {out}")
     return report

@@ -64,4 +64,4 @@ def test_profile_times_every_part_of_a_step_and_matches_the_modules_objective(tm
     assert report["module_objective_relative_difference"] < 1e-3
     check = report["grad_check"]
     assert check["loss_relative_difference"] < 5e-2 and check["gradient_cosine"] > 0.99
-    assert (tmp_path / "profile_tiny.json").is_file()
+    assert (tmp_path / "profile_tiny_bf16-mixed.json").is_file()

@@ -154,7 +154,7 @@ def test_mean_over_every_possible_draw_is_the_exact_term_and_gradient(monkeypatc
 
 
 def test_seeded_estimates_average_to_the_exact_term_and_gradient(monkeypatch, batch):
-    """150 draws of training's own seeded sampler: the sample mean is within its standard error of the exact value.
+    """100 draws of training's own seeded sampler: the sample mean is within its standard error of the exact value.
 
     Tolerances: the loss within 4 standard errors; for the gradient, E|mean - exact|^2 = sum of variances / R, and
     the observed squared distance must stay under 5 times that (a biased estimator, e.g. one that forgets the N/n
@@ -163,7 +163,7 @@ def test_seeded_estimates_average_to_the_exact_term_and_gradient(monkeypatch, ba
     exact_lens, exact_grad = lens_and_gradient(build(monkeypatch), batch)
     module = build(monkeypatch, lens_pairs_per_step=1, lens_token_fraction=0.5)
     lenses, grads = [], []
-    for micro_batch in range(150):  # each micro-batch index is a different seed of the same step
+    for micro_batch in range(100):  # each micro-batch index is a different seed of the same step
         module._window_batches = micro_batch
         lens, gradient = lens_and_gradient(module, batch)
         lenses.append(float(lens))
