@@ -7,19 +7,33 @@ Every output goes under pytest's tmp_path, never into the repository's logs/.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import json
 import re
 import subprocess
 import sys
+import textwrap
+from itertools import islice
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 import yaml
+from reference import Objective, objective_sums, weighted
+from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillens.cli import error_line, main, run_cli
-from distillens.module import DistillationModule
+from distillens.module import (
+    DistillationModule,
+    GenerationSettings,
+    LayerPairs,
+    LossConfig,
+    OptimizerConfig,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -83,13 +97,29 @@ def logits_of(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ fit
 
 
-def test_fit_trains_to_max_steps_and_logs_train_and_val_losses(fitted):
+def assert_val_metrics_equal_the_reference(cli, objective: Objective, batches: int) -> None:
+    """The logged val/* of the last validation (the final weights) equal the token means, over the first
+    ``batches`` validation batches, of each term written out in tests/reference.py."""
+    model, metrics = cli.model, cli.trainer.callback_metrics
+    loader = cli.datamodule.val_dataloader()
+    with torch.no_grad():
+        sums = [objective_sums(model.student, model.teacher, b, objective) for b in islice(loader, batches)]
+    tokens = sum(int(s["tokens"]) for s in sums)
+    for name in ("ce", "kd", "lens"):
+        expected = sum(float(s[name]) for s in sums) / tokens
+        assert float(metrics[f"val/{name}"]) == pytest.approx(expected, rel=1e-4), f"val/{name}"
+    expected = sum(float(weighted(s, objective)) for s in sums) / tokens
+    assert float(metrics["val/loss"]) == pytest.approx(expected, rel=1e-4), "val/loss"
+
+
+def test_fit_trains_to_max_steps_and_logs_the_objectives_validation_means(fitted):
+    """configs/tiny.yaml: the paper's defaults (reverse KL + JSD lens, weights 1 and 1), pairs 1/2, 2 val batches.
+    The training side of the objective is checked step by step in test_training_steps.py and test_resume.py."""
     cli, _ = fitted
-    metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == MAX_STEPS
-    for name in ("train/loss", "train/kd", "train/lens", "val/loss", "val/kd", "val/lens"):
-        assert name in metrics, f"{name} not logged; logged: {sorted(metrics)}"
-        assert torch.isfinite(metrics[name]), f"{name} = {metrics[name]}"
+    assert_val_metrics_equal_the_reference(cli, Objective(student_layers=[1], teacher_layers=[2]), batches=2)
+    for name in ("train/loss", "train/kd", "train/lens"):
+        assert name in cli.trainer.callback_metrics, f"{name} not logged"
 
 
 def test_fit_writes_the_run_folder(fitted):
@@ -162,7 +192,19 @@ def test_test_scores_generations_on_each_test_set(fitted, tmp_path, cache_dir):
     scores = {k: float(v) for k, v in metrics.items() if k.endswith("/rougeL")}
     # a set is named after its file, or after its folder for generic names: data/instructions/test.jsonl
     assert list(scores) == ["test/instructions/rougeL"], f"logged: {sorted(metrics)}"
-    assert 0.0 <= scores["test/instructions/rougeL"] <= 100.0
+    # the answers written for the one seed, scored here with rouge_score itself (stemmed ROUGE-L F x100, best
+    # reference), against the test set's own responses
+    answers = [json.loads(line) for line in (tmp_path / "tiny" / "eval" / "instructions.seed10.jsonl").open()]
+    rows = [json.loads(line) for line in (DATA / "test.jsonl").open()]
+    assert answers and len({answer["index"] for answer in answers}) == len(answers)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    per_answer = []
+    for answer in answers:
+        assert answer["references"] == [rows[answer["index"]]["response"]]
+        assert rows[answer["index"]]["instruction"] in answer["prompt"]
+        best = max(scorer.score(ref, answer["prediction"])["rougeL"].fmeasure for ref in answer["references"])
+        per_answer.append(100 * best)
+    assert scores["test/instructions/rougeL"] == pytest.approx(sum(per_answer) / len(per_answer), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ help
@@ -211,6 +253,40 @@ def test_fit_help_documents_every_option(capsys, monkeypatch):
     assert undocumented_options(out) == []
 
 
+def attribute_docstrings(cls) -> dict[str, str]:
+    """{field: the string literal under it} read from a dataclass's source (the --help text's origin)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: " ".join(after.value.value.split())
+        for node, after in zip(body, body[1:], strict=False)
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(after, ast.Expr)
+        and isinstance(after.value.value, str)
+    }
+
+
+@pytest.mark.parametrize(
+    ("group", "cls"),
+    [
+        ("loss", LossConfig),
+        ("layers", LayerPairs),
+        ("optimizer", OptimizerConfig),
+        ("generation", GenerationSettings),
+    ],
+)
+def test_fit_help_documents_every_field_of_the_models_settings(group, cls, capsys, monkeypatch):
+    """Every field of each settings dataclass has an option, with its attribute docstring as help."""
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_in_process(["fit", f"--model.{group}.help", cls.__name__], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    docs = attribute_docstrings(cls)
+    assert sorted(docs) == sorted(f.name for f in dataclasses.fields(cls)), "a field without a docstring"
+    for name, doc in docs.items():
+        assert f"--model.{group}.{name} " in text, f"--model.{group}.{name} missing"
+        assert doc[:60] in text, f"--model.{group}.{name}: help does not show {doc[:60]!r}"
+
+
 def test_print_config_shows_overrides(capsys, tmp_path):
     args = ["fit", *tiny_args(tmp_path, tmp_path), "--model.loss.kd_divergence", "jsd", "--print_config"]
     code, out, _ = run_in_process(args, capsys)
@@ -221,11 +297,31 @@ def test_print_config_shows_overrides(capsys, tmp_path):
     assert not (tmp_path / "tiny").exists(), "--print_config must not run anything"
 
 
+def listed_subcommands(help_text: str) -> dict[str, str]:
+    """{name: description} of the "Available subcommands" block of a top-level help page."""
+    block = help_text.split("Available subcommands:", 1)[1]
+    return dict(re.findall(r"^    ([a-z]+)\s+(\S.*)$", block, flags=re.MULTILINE))
+
+
 def test_top_level_help_lists_the_subcommands(capsys):
     code, out, _ = run_in_process(["--help"], capsys)
     assert code == 0
-    for subcommand in ("fit", "validate", "test", "predict"):
-        assert subcommand in out
+    listed = listed_subcommands(out)
+    assert sorted(listed) == ["fit", "predict", "test", "validate"], listed
+
+
+@pytest.mark.xfail(
+    strict=True, reason="`distillens --help` does not mention export and diagnose (to fix in cli.py)"
+)
+def test_top_level_help_lists_export_and_diagnose(capsys):
+    _, out, _ = run_in_process(["--help"], capsys)
+    assert {"export", "diagnose"} <= set(listed_subcommands(out))
+
+
+@pytest.mark.parametrize("subcommand", ["export", "diagnose"])
+def test_export_and_diagnose_have_their_own_help(subcommand, capsys):
+    code, out, _ = run_in_process([subcommand, "--help"], capsys)
+    assert code == 0 and out.startswith(f"usage: distillens {subcommand}")
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -325,10 +421,11 @@ def test_default_config_trains_end_to_end(tmp_path):
         "--data.max_samples", "16", "--data.batch_size", "2", "--data.max_length", "128",
         "--data.max_prompt_length", "96",
     ]  # fmt: skip
-    trainer = run_distillens(args).trainer
-    assert trainer.global_step == 2
-    for name in ("train/loss", "val/loss"):
-        assert torch.isfinite(trainer.callback_metrics[name]), name
+    cli = run_distillens(args)
+    assert cli.trainer.global_step == 2
+    # default.yaml: the paper's objective (reverse KL + JSD lens, weights 1 and 1) on 5 pairs, one val batch
+    pairs = Objective(student_layers=[1, 2, 3, 4, 5], teacher_layers=[1, 7, 13, 19, 25])
+    assert_val_metrics_equal_the_reference(cli, pairs, batches=1)
     run = tmp_path / "default"
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert not [key for key in checkpoint["state_dict"] if "teacher" in key]

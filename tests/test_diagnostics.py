@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from distillens.cli import main, run_cli
 from distillens.diagnostics import (
     LensReport,
+    labelled_batches,
     lens_diagnostics,
     proportional_depths,
     save_lens_diagnostics,
@@ -67,12 +69,12 @@ def lens_logits_by_hand(model: LlamaForCausalLM, batch: dict, depth: int) -> tor
     return model.lm_head(model.model.norm(out.hidden_states[depth]))  # (B, T, V)
 
 
-def expected_report(student, teacher, teacher_layers) -> dict[str, list[float]]:
-    """Per-depth means over supervised positions with numpy-style formulas written out here."""
+def expected_report(student, teacher, teacher_layers, data=None) -> dict[str, list[float]]:
+    """Per-depth means over supervised positions of ``data`` (default: batches()) with formulas written out here."""
     totals = {name: np.zeros(len(teacher_layers)) for name in ("jsd", "s_ent", "t_ent", "s_top", "t_top")}
     tokens = 0
     with torch.no_grad():
-        for batch in batches():
+        for batch in data if data is not None else batches():
             keep = batch["labels"][:, 1:] != -100  # (B, T-1)
             tokens += int(keep.sum())
             answer = lens_logits_by_hand(teacher, batch, teacher.config.num_hidden_layers)[:, :-1][
@@ -113,7 +115,6 @@ def test_diagnostics_match_a_by_hand_computation(chunk_size):
     np.testing.assert_allclose(report.teacher_entropy, expected["t_ent"], rtol=1e-4)
     assert report.student_top1 == pytest.approx(expected["s_top"])
     assert report.teacher_top1 == pytest.approx(expected["t_top"])
-    assert report.teacher_top1[-1] == 1.0  # the teacher's last layer is its answer
 
 
 def test_a_model_against_itself_has_zero_divergence_and_full_agreement_at_the_top():
@@ -191,17 +192,30 @@ def diagnose_args(folders, student: str, out: Path, cache: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("student", ["folder", "layers:0,3"])
-def test_diagnose_command_writes_png_and_json(model_folders, tmp_path, student):
+def test_diagnose_command_writes_png_and_json(model_folders, tmp_path, student, smollm2_tokenizer):
     spec = str(model_folders["student"]) if student == "folder" else student
     main(diagnose_args(model_folders, spec, tmp_path / "out", tmp_path / "cache"))
     assert_valid_png(tmp_path / "out" / "lens_diagnostics.png")
     report = json.loads((tmp_path / "out" / "lens_diagnostics.json").read_text())
     assert report["student_layers"] == [0, 1, 2] and report["teacher_layers"] == [0, 2, 4]
-    assert report["tokens"] > 0
     if student.startswith(
         "layers:"
     ):  # a copy of teacher blocks 0 and 3: embeddings identical to the teacher's
+        assert report["tokens"] > 0
         assert report["divergence"][0] == pytest.approx(0.0, abs=1e-6)
+        return
+    # the folder student: every value against the by-hand computation on the same 4 validation examples
+    data = labelled_batches(
+        str(REPO / "data" / "instructions" / "validation.jsonl"), smollm2_tokenizer, max_samples=4,
+        max_length=128, max_prompt_length=96, cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    models = [LlamaForCausalLM.from_pretrained(model_folders[role]).eval() for role in ("student", "teacher")]
+    expected = expected_report(*models, [0, 2, 4], list(data))
+    assert report["tokens"] == expected["tokens"]
+    for key, name in (("divergence", "jsd"), ("student_entropy", "s_ent"), ("teacher_entropy", "t_ent")):
+        np.testing.assert_allclose(report[key], expected[name], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert report["student_top1"] == pytest.approx(expected["s_top"])
+    assert report["teacher_top1"] == pytest.approx(expected["t_top"])
 
 
 def test_diagnose_command_reports_a_bad_student_spec_in_one_line(model_folders, tmp_path, capsys):
@@ -230,7 +244,7 @@ def test_callback_logs_scalars_and_a_figure_to_tensorboard(model_folders, tmp_pa
     config["data"].update(cache_dir=str(tmp_path / "cache"), max_samples=8)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    run_cli(["fit", "--config", str(path), "--trainer.enable_checkpointing", "false"])
+    cli = run_cli(["fit", "--config", str(path), "--trainer.enable_checkpointing", "false"])
     events = EventAccumulator(
         str(tmp_path / "logs" / "tiny"), size_guidance={"images": 0, "scalars": 0}
     ).Reload()
@@ -238,4 +252,13 @@ def test_callback_logs_scalars_and_a_figure_to_tensorboard(model_folders, tmp_pa
     scalars = events.Tags()["scalars"]
     for quantity in ("divergence", "student_entropy", "teacher_entropy", "student_top1", "teacher_top1"):
         assert {f"lens_diag/{quantity}/s{i}_t{j}" for i, j in ((0, 0), (1, 2), (2, 4))} <= set(scalars)
-    assert events.Scalars("lens_diag/teacher_top1/s2_t4")[-1].value == pytest.approx(1.0)
+    # the values of the last validation (the final weights, its first batch), computed by hand
+    model = cli.model
+    expected = expected_report(
+        model.student, model.teacher, [0, 2, 4], list(islice(cli.datamodule.val_dataloader(), 1))
+    )
+    for quantity, name in (("divergence", "jsd"), ("student_entropy", "s_ent"), ("teacher_entropy", "t_ent"),
+                           ("student_top1", "s_top"), ("teacher_top1", "t_top")):  # fmt: skip
+        for k, (i, j) in enumerate(((0, 0), (1, 2), (2, 4))):
+            logged = events.Scalars(f"lens_diag/{quantity}/s{i}_t{j}")[-1].value
+            assert logged == pytest.approx(expected[name][k], rel=1e-4, abs=1e-6), f"{quantity} s{i}_t{j}"
