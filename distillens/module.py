@@ -371,8 +371,8 @@ class DistillationModule(L.LightningModule):
         terms = {"tokens": mask.sum()}
         if need_logits:
             terms["ce"] = _cross_entropy_sum(s_out.logits[:, :-1], labels[:, 1:])
-        if self.teacher is None:
-            return terms
+        if self.teacher is None or (self.training and not self._trains_on_teacher):
+            return terms  # plain SFT with a teacher (for initialisation and validation): no teacher forward
         teacher_depth = self.teacher_lens.num_layers
         with torch.no_grad(), self.teacher_lens.capture(self.teacher_layers + [teacher_depth]) as t_hidden:
             self.teacher(
@@ -383,6 +383,12 @@ class DistillationModule(L.LightningModule):
         with gathered(self.student, self.teacher), _float32_default_dtype():
             terms |= self._distillation_terms(s_hidden, t_hidden, shift, mask, student_depth, teacher_depth)
         return terms
+
+    @property
+    def _trains_on_teacher(self) -> bool:
+        """Whether any training term reads the teacher (its forward is skipped in training otherwise)."""
+        config = self.loss_config
+        return bool(config.kd_weight or config.lens_weight or config.mse_weight)
 
     def _distillation_terms(
         self, s_hidden, t_hidden, shift, mask, student_depth, teacher_depth
