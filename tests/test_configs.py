@@ -196,9 +196,13 @@ def test_config_parses_and_its_printed_form_round_trips(path: Path, tmp_path: Pa
     assert cli_output("--config", str(saved), "--print_config") == printed
 
 
-def test_every_config_is_found() -> None:
+def test_every_config_file_is_among_the_parsed_ones() -> None:
+    """The parse test runs on config_files(): every file under configs/ that a --config could name (YAML or JSON,
+    in any folder) must be among them, so a config added later cannot escape it."""
+    on_disk = {p for p in CONFIG_DIR.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".json")}
+    assert set(config_files()) == on_disk, sorted(str(p) for p in on_disk ^ set(config_files()))
     names = {str(p.relative_to(CONFIG_DIR)) for p in config_files()}
-    assert {"tiny.yaml", *GPU_SETUPS, "trainer/ddp.yaml"} <= names
+    assert {"default.yaml", "tiny.yaml", *GPU_SETUPS, "trainer/ddp.yaml", "trainer/fsdp.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", sorted(OVERLAY_DIR.glob("*.yaml")), ids=lambda p: p.name)

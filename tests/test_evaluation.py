@@ -475,7 +475,17 @@ def test_write_results_writes_json_markdown_and_answers(tmp_path):
     assert {p.name for p in paths} == {"results.json", "results.md"} | {
         f"{name}.seed{seed}.jsonl" for name in runs for seed in (10, 20, 30)
     }
-    assert json.loads((tmp_path / "eval" / "results.json").read_text()) == json.loads(json.dumps(results))
+    written = json.loads((tmp_path / "eval" / "results.json").read_text())
+    for name, by_seed in runs.items():  # the file's numbers against rouge_score and numpy directly
+        per_seed = [
+            np.mean(_reference_rouge_l([r.prediction for r in recs], [list(r.references) for r in recs]))
+            for recs in by_seed.values()
+        ]
+        assert written["sets"][name]["mean"]["rougeL"] == pytest.approx(np.mean(per_seed))
+        assert written["sets"][name]["std"]["rougeL"] == pytest.approx(np.std(per_seed))
+    assert written["seeds"] == [10, 20, 30] and written == json.loads(json.dumps(results))
+    markdown = (tmp_path / "eval" / "results.md").read_text()
+    assert f"{written['sets']['dolly']['mean']['rougeL']:.2f}" in markdown
     lines = (tmp_path / "eval" / "vicuna.seed20.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert [row["index"] for row in rows] == [0, 1, 2, 3]
