@@ -103,6 +103,10 @@ class Objective:
     lens_final_norm: bool = True
     student_layers: list[int] = field(default_factory=list)
     teacher_layers: list[int] = field(default_factory=list)
+    mse_weight: float = 0.0
+    projections: list[nn.Module] = field(
+        default_factory=list
+    )  # MSE baseline: teacher -> student width, per pair
 
 
 def _supervised_rows(model: nn.Module, batch: dict[str, Tensor], keep: Tensor) -> list[Tensor]:
@@ -150,11 +154,18 @@ def objective_sums(
         per_pair.append(divergence(o.lens_divergence, s_lens, t_lens, o.temperature, **o.lens_params).sum())
     if per_pair:
         sums["lens"] = sum(per_pair) / len(per_pair)
+    if o.mse_weight:  # squared error averaged over features, summed over tokens, averaged over pairs
+        pairs = zip(o.projections, o.student_layers, o.teacher_layers, strict=True)
+        sums["mse"] = sum(((p(t_rows[j]) - s_rows[i]) ** 2).mean(-1).sum() for p, i, j in pairs) / len(
+            o.projections
+        )
     return sums
 
 
 def weighted(sums: dict[str, Tensor], objective: Objective) -> Tensor:
-    weights = {"ce": objective.ce_weight, "kd": objective.kd_weight, "lens": objective.lens_weight}
+    weights = {
+        "ce": objective.ce_weight, "kd": objective.kd_weight, "lens": objective.lens_weight, "mse": objective.mse_weight
+    }  # fmt: skip
     return sum(w * sums[name] for name, w in weights.items() if w and name in sums)
 
 
@@ -194,8 +205,14 @@ def train_reference(
     eps: float = 1e-8,
 ) -> list[StepRecord]:
     """Plain-PyTorch training: each step's gradient is that of the token mean of the objective over all of the
-    step's batches (every micro-batch of every rank); optional clipping of the global norm; AdamW by hand."""
+    step's batches (every micro-batch of every rank); optional clipping of the global norm; AdamW by hand.
+    The MSE baseline's projections (``objective.projections``) are trained with the student."""
     params = dict(student.named_parameters())
+    params |= {
+        f"projections.{k}.{n}": p
+        for k, proj in enumerate(objective.projections)
+        for n, p in proj.named_parameters()
+    }
     m = {n: torch.zeros_like(p) for n, p in params.items()}
     v = {n: torch.zeros_like(p) for n, p in params.items()}
     records = []

@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from reference import Objective, grad_norm, objective_sums, relative_difference, train_reference, weighted
 from tokenizers import Tokenizer, models
 from torch import Tensor
 from torch.distributed.checkpoint import FileSystemReader
@@ -88,6 +89,10 @@ class Recorder(L.Callback):
         self.totals: dict[int, float] = {}
         self.weights: dict[int, dict[str, Tensor]] = {}
         self.grads: dict[str, Tensor] | None = None
+        self.projections: list[Tensor] | None = None  # the MSE projections' initial weights
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.projections = [full(proj.weight) for proj in pl_module.projections]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -261,6 +266,39 @@ def test_sharded_training_and_resume_equal_single_process(runs):
         float((single.weights[STEPS][k] - single.weights[1][k]).abs().max()) for k in single.weights[1]
     )
     assert moved > 1e-3, "the weights hardly changed: the comparison would prove nothing"
+
+
+def test_single_process_run_equals_plain_pytorch(runs):
+    """The reference of the sharded tests pinned to an independent value (tests/reference.py): every term on (CE 0.5,
+    reverse KL 1, JSD lens 1, MSE 0.5 with its learned projection), clipped at CLIP, AdamW at a constant 1e-2."""
+    single, folder = runs["single"], runs["dir"]
+    student, teacher = (
+        AutoModelForCausalLM.from_pretrained(folder / role) for role in ("student", "teacher")
+    )
+    projection = torch.nn.Linear(TEACHER["hidden_size"], STUDENT["hidden_size"], bias=False)
+    projection.weight.data.copy_(single.projections[0])
+    objective = Objective(
+        ce_weight=0.5, mse_weight=0.5, projections=[projection], student_layers=[1], teacher_layers=[2]
+    )
+    batch = next(iter(DataLoader(rows(), batch_size=ROWS)))
+    start = {name: value.clone() for name, value in student.state_dict().items()}
+    with torch.no_grad():
+        total = float(weighted(objective_sums(student, teacher, batch, objective), objective))
+    assert single.totals[1] == pytest.approx(total, rel=1e-5)
+    reference = train_reference(student, teacher, [[batch]] * STEPS, objective, [1e-2] * STEPS, weight_decay=0.01,
+                                clip=CLIP)  # fmt: skip
+    scale = CLIP / (grad_norm(reference[0].grads) + 1e-6)
+    assert scale < 1, "clipping should act on the first step"
+    for name, value in single.grads.items():  # as the optimizer used them: token mean, clipped
+        expected = reference[0].grads[name] * scale
+        torch.testing.assert_close(
+            value, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()), msg=name
+        )
+    for step in range(1, STEPS + 1):
+        difference = relative_difference(single.weights[step], reference[step - 1].weights, start)
+        assert difference < 1e-3, (
+            f"weights after step {step} off the reference by {difference:.3g} of the update"
+        )
 
 
 def test_sharded_checkpoint_holds_student_shards_only(runs):
