@@ -1,0 +1,196 @@
+"""The replication study's machinery (scripts/replicate.py) on tiny random models: every output file with the right
+rows, the table's statistics against values computed here, resumption, and the presets it ships. No result of the
+study itself is asserted: tiny random models score nothing meaningful."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+
+from distillens.cli import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = REPO / "configs" / "replicate"
+
+
+def load_replicate():
+    spec = importlib.util.spec_from_file_location("replicate", REPO / "scripts" / "replicate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["replicate"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+replicate = load_replicate()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """`replicate.py tiny` run once, in this process (the CLI steps too), into a temporary folder."""
+    out = tmp_path_factory.mktemp("replicate")
+    with mock.patch.object(sys, "argv", ["replicate"]):
+        replicate.main(["tiny", "--out", str(out), "--in-process"])
+    return replicate.Preset.load("tiny"), out
+
+
+def test_every_run_trained_exported_and_scored(study):
+    preset, out = study
+    for method in preset.methods:
+        for seed in preset.train_seeds:
+            folder = out / "runs" / method / f"seed{seed}"
+            assert (folder / "student" / "config.json").is_file(), folder
+            assert list(folder.glob("events.out.tfevents.*")), folder
+            results = json.loads((folder / "eval" / "results.json").read_text())
+            assert results["seeds"] == preset.generation_seeds
+    assert (out / "teacher" / "eval" / "results.json").is_file()
+
+
+def test_runs_differ_by_method_and_seed(study):
+    """Each method trained with its own objective and each seed with its own initialisation and data order: the
+    saved configs say so, and two seeds of one method end with different weights."""
+    preset, out = study
+    weights = {}
+    for method in preset.methods:
+        for seed in preset.train_seeds:
+            config = yaml.safe_load((out / "runs" / method / f"seed{seed}" / "config.yaml").read_text())
+            overlay = yaml.safe_load((PRESETS / "methods" / f"{method}.yaml").read_text())["model"]["loss"]
+            assert {k: config["model"]["loss"][k] for k in overlay} == overlay
+            assert config["seed_everything"] == seed and config["data"]["seed"] == seed
+            from safetensors.torch import load_file
+
+            weights[method, seed] = load_file(
+                out / "runs" / method / f"seed{seed}" / "student" / "model.safetensors"
+            )
+    first, second = preset.train_seeds[:2]
+    name = next(iter(weights["distillens", first]))
+    assert not torch.equal(weights["distillens", first][name], weights["distillens", second][name])
+
+
+def test_results_json_aggregates_the_runs_own_scores(study):
+    """Per method: each seed's score is the mean over generation seeds of what that run's test wrote per seed; the
+    row is their mean and sample std; the paired differences are computed seed by seed."""
+    preset, out = study
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary["methods"]) == ["teacher", *preset.methods]
+    per_method = {}
+    for method in preset.methods:
+        per_seed = {}
+        for seed in preset.train_seeds:
+            written = json.loads(
+                (out / "runs" / method / f"seed{seed}" / "eval" / "results.json").read_text()
+            )
+            by_generation_seed = written["sets"]["instructions"]["per_seed"]
+            assert sorted(map(int, by_generation_seed)) == preset.generation_seeds
+            per_seed[seed] = {
+                m: statistics.fmean(scores[m] for scores in by_generation_seed.values())
+                for m in preset.metrics
+            }
+        per_method[method] = per_seed
+        row = summary["methods"][method]
+        for metric in preset.metrics:
+            values = [per_seed[s][metric] for s in preset.train_seeds]
+            assert row[metric]["mean"] == pytest.approx(sum(values) / len(values))
+            assert row[metric]["std"] == pytest.approx(statistics.stdev(values))
+    for baseline in ("kd", "rkl", "sft"):
+        diff = summary["differences"][f"distillens-{baseline}"]["rougeL"]
+        expected = [
+            per_method["distillens"][s]["rougeL"] - per_method[baseline][s]["rougeL"]
+            for s in preset.train_seeds
+        ]
+        assert list(diff["per_seed"].values()) == pytest.approx(expected)
+        assert diff["positive"] == sum(d > 0 for d in expected) and diff["seeds"] == len(expected)
+
+
+def test_results_markdown_has_a_row_per_method_and_per_difference(study):
+    preset, out = study
+    table = (out / "results.md").read_text()
+    rows = [
+        line.split("|")[1].strip()
+        for line in table.splitlines()
+        if line.startswith("| ") and "---" not in line
+    ]
+    assert rows == ["method", "teacher", *preset.methods, "paired difference (same training seed)"] + [
+        f"distillens-{m}" for m in preset.methods if m != "distillens"
+    ]
+    assert "Generation: do_sample True, top_k 0" in table
+
+
+def test_figures_are_written(study):
+    _, out = study
+    for name in ("rougeL.png", "val_curves.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+
+
+def test_rerun_skips_finished_runs(study, capsys):
+    _, out = study
+    with mock.patch.object(replicate, "execute", side_effect=AssertionError("a finished step was run again")):
+        replicate.main(["tiny", "--out", str(out), "--in-process"])
+    assert "paired difference" in capsys.readouterr().out
+
+
+def test_interrupted_fit_resumes_from_its_last_checkpoint(tmp_path):
+    preset = replicate.Preset.load("tiny")
+    run = replicate.Run("distillens", 1, tmp_path / "runs" / "distillens" / "seed1")
+    assert "--ckpt_path" not in replicate.fit_command(preset, run)
+    (run.folder / "checkpoints").mkdir(parents=True)
+    (run.folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    command = replicate.fit_command(preset, run)
+    assert command[command.index("--ckpt_path") + 1] == str(run.folder / "checkpoints" / "last.ckpt")
+
+
+def test_paired_differences_by_hand():
+    scores = {
+        "distillens": {1: {"rougeL": 10.0}, 2: {"rougeL": 12.0}, 3: {"rougeL": 9.0}},
+        "kd": {1: {"rougeL": 8.0}, 2: {"rougeL": 12.5}, 3: {"rougeL": 7.0}, 4: {"rougeL": 1.0}},
+    }
+    diff = replicate.paired_differences(scores, "kd", "rougeL")
+    assert diff["per_seed"] == {"1": 2.0, "2": -0.5, "3": 2.0}  # seed 4 has no DistillLens run: not paired
+    assert diff["mean"] == pytest.approx(3.5 / 3)
+    assert diff["std"] == pytest.approx(((2 - 3.5 / 3) ** 2 * 2 + (-0.5 - 3.5 / 3) ** 2) ** 0.5 / 2**0.5)
+    assert (diff["positive"], diff["seeds"]) == (2, 3)
+    assert replicate.paired_differences(scores, "rkl", "rougeL") is None
+
+
+@pytest.mark.parametrize("path", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_loads_and_its_runs_parse(path, capsys):
+    """Each shipped preset names existing methods, and each method's fit parses on the preset's base config."""
+    preset = replicate.Preset.load(path.stem)
+    assert preset.methods and len(preset.train_seeds) >= 2 and preset.generation_seeds
+    run = replicate.Run(
+        preset.methods[-1], preset.train_seeds[0], Path("/tmp/unused") / "runs" / "m" / "seed1"
+    )
+    args = replicate.fit_command(preset, run)[4:]  # after "python -m distillens fit"
+    with mock.patch.object(sys, "argv", ["distillens"]), pytest.raises(SystemExit) as stop:
+        run_cli(["fit", *args, "--print_config"])
+    assert stop.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["seed_everything"] == preset.train_seeds[0]
+
+
+def test_unknown_preset_is_one_line():
+    with pytest.raises(SystemExit, match=r"replicate: no preset 'nope' .*presets: .*tiny"):
+        replicate.Preset.load("nope")
+
+
+def test_sft_with_a_teacher_never_runs_the_teacher_in_training(tiny_module):
+    """The SFT row keeps the teacher for initialisation and validation only: no teacher forward while training."""
+    from distillens.module import LossConfig
+
+    module = tiny_module(loss=LossConfig(ce_weight=1.0, kd_weight=0.0, lens_weight=0.0))
+    calls = []
+    module.teacher.register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.randint(0, 101, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    module.train()
+    assert set(module(batch)) == {"tokens", "ce"} and not calls
+    module.eval()
+    assert {"kd", "ce"} <= set(module(batch)) and calls
