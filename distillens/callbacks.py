@@ -97,7 +97,8 @@ class InitialValidation(L.Callback):
         sums: dict[str, float] = {}
         was_training = pl_module.training
         pl_module.eval()
-        with torch.no_grad():
+        # in the run's precision (bf16-mixed: autocast), as Lightning runs the later validations
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
             for index, batch in enumerate(trainer.datamodule.val_dataloader()):
                 if limit is not None and index >= limit:
                     break
