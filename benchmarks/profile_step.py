@@ -235,10 +235,8 @@ def grad_check(module, batch) -> dict:
     (loss32, g32), (loss16, g16) = results["32-true"], results["bf16-mixed"]
     relative = {name: float((g16[name] - g).norm() / g.norm().clamp_min(1e-30)) for name, g in g32.items()}
     worst = max(relative, key=relative.get)
-    flat32, flat16 = (
-        torch.cat([g.flatten() for g in g32.values()]),
-        torch.cat([g.flatten() for g in g16.values()]),
-    )
+    flat32 = torch.cat([g.flatten() for g in g32.values()]).double()  # fp64: sums over 10^8 squares
+    flat16 = torch.cat([g.flatten() for g in g16.values()]).double()
     return {
         "loss_fp32": loss32,
         "loss_bf16_mixed": loss16,
