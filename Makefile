@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 ARGS ?=
+PRESET ?= cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all train tensorboard bench bench-train bench-memory profile gpu-check lint format clean
+.PHONY: help install test test-all train replicate tensorboard bench bench-train bench-memory profile gpu-check lint format clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,6 +30,9 @@ test: $(STAMP) ## Run the CPU test suite (GPU tests are skipped without CUDA)
 
 train: $(STAMP) ## Distill on the embedded default (SmolLM2-135M teacher, bundled data, CPU); CONFIG=... to change
 	$(VENV)/bin/distillens fit --config $(CONFIG) $(ARGS)
+
+replicate: $(STAMP) ## SFT vs KD vs RKL vs DistillLens over seeds, scored by generation; PRESET=cpu|gpu|tiny
+	$(PY) scripts/replicate.py $(PRESET) $(ARGS)
 
 tensorboard: $(STAMP) ## Serve the TensorBoard curves of every run under logs/
 	$(VENV)/bin/tensorboard --logdir logs --bind_all
