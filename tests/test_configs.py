@@ -34,7 +34,7 @@ CONFIG_DIR = REPO / "configs"
 OVERLAY_DIR = CONFIG_DIR / "trainer"
 OVERLAY_BASE = CONFIG_DIR / "tiny.yaml"
 METHOD_DIR = CONFIG_DIR / "replicate" / "methods"  # loss overlays of the replication study, on any setup
-PRESET_DIR = CONFIG_DIR / "replicate"  # its presets (*.yaml directly there) are not CLI configs: test_replicate.py
+PRESET_DIR = CONFIG_DIR / "replicate"  # presets (*.yaml right there) are no CLI configs: test_replicate
 
 
 @dataclass(frozen=True)
