@@ -119,6 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (each times every variant once)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of every variant first")
     parser.add_argument("--chunk-size", type=int, default=256, help="rows per chunk of the chunked losses")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what the ratios use: wall time, or the process's CPU time (with --threads 1, robust on a shared "
+        "machine: waiting for a core is not counted)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "logs" / "bench", help="folder for the JSON")
     return parser.parse_args(argv)
 
@@ -195,25 +203,28 @@ def measure(args: argparse.Namespace) -> list[dict]:
     batch = make_batch(batch_args, workload.batch, module.student.config.vocab_size)
     variants = [(o, p) for o in args.objectives for p in args.precisions]
     rows = {v: {"objective": v[0], "precision": v[1], "seconds": []} for v in variants}
-    for objective, precision in variants:
+    for objective, precision in variants:  # warm-up: the first step also counts the FLOPs
         row = rows[objective, precision]
-        row["loss"] = step(module, optimizer, batch, objective, PRECISIONS[precision])
+        row["flops"] = count_flops(module, optimizer, batch, objective, PRECISIONS[precision])
         for _ in range(args.warmup - 1):
             step(module, optimizer, batch, objective, PRECISIONS[precision])
-        row["flops"] = count_flops(module, optimizer, batch, objective, PRECISIONS[precision])
+        row["cpu_seconds"] = []
     for round_ in range(args.rounds):
-        for objective, precision in (
-            variants if round_ % 2 == 0 else variants[::-1]
-        ):  # no variant always first
+        order = variants if round_ % 2 == 0 else variants[::-1]  # no variant always first
+        for objective, precision in order:
+            row = rows[objective, precision]
             synchronize(args.device)
-            start = time.perf_counter()
-            step(module, optimizer, batch, objective, PRECISIONS[precision])
+            start, start_cpu = time.perf_counter(), time.process_time()
+            row["loss"] = step(module, optimizer, batch, objective, PRECISIONS[precision])
             synchronize(args.device)
-            rows[objective, precision]["seconds"].append(time.perf_counter() - start)
+            row["seconds"].append(time.perf_counter() - start)
+            row["cpu_seconds"].append(time.process_time() - start_cpu)
         print(f"  round {round_ + 1}/{args.rounds} done", flush=True)
     tokens = workload.batch * workload.tokens
     for row in rows.values():
-        row["seconds_per_step"] = statistics.median(row["seconds"])
+        row["wall_seconds_per_step"] = statistics.median(row["seconds"])
+        row["cpu_seconds_per_step"] = statistics.median(row["cpu_seconds"])
+        row["seconds_per_step"] = row[f"{args.clock}_seconds_per_step"]
         row["tokens_per_sec"] = tokens / row["seconds_per_step"]
         row["gflops_per_sec"] = row["flops"] / row["seconds_per_step"] / 1e9
     for (objective, precision), row in rows.items():
@@ -241,12 +252,14 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workload = WORKLOADS[args.workload]
     print(
         f"training-step speed, workload {args.workload} on {args.device}: {workload.batch} x {workload.tokens} "
         f"tokens ({workload.supervised:.0%} supervised), {len(workload.student_layers)} lens pairs, "
         f"{args.warmup} warm-up step(s) and {args.rounds} interleaved round(s) per variant; torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads",
+        f"{torch.__version__}, {torch.get_num_threads()} threads; ratios in {args.clock} time",
         flush=True,
     )
     rows = measure(args)
