@@ -41,6 +41,7 @@ from reference import (
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM
 
 from distillens.data import EpochShuffleSampler, ResumableDataLoader
 from distillens.models import ModelSpec
@@ -167,6 +168,12 @@ def test_ddp_fit_succeeds_on_two_cpu_processes(ddp_run):
     assert checkpoint["global_step"] == MAX_STEPS
     # each rank trains on half the 20 rows: 3 batches of 4 per epoch (1 device would make 5)
     assert checkpoint["InstructionDataModule"]["train_position"] == {"epoch": 1, "batches": 3}
+    # rank 0 exported the trained student (its weights are pinned by the test below)
+    exported = AutoModelForCausalLM.from_pretrained(run / "student").state_dict()
+    final = checkpoint_student(run / "checkpoints" / "last.ckpt")
+    assert exported.keys() == final.keys()
+    for name, value in final.items():
+        torch.testing.assert_close(exported[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_ddp_steps_equal_plain_pytorch_over_both_ranks_tokens(ddp_run):
@@ -351,7 +358,10 @@ def test_ranks_with_different_token_counts_give_the_token_mean_gradient(module, 
         param.grad = (per_rank[0][name] + per_rank[1][name]) / WORLD
     module._window_tokens = tokens[0]  # rank 0's own count; the strategy adds rank 1's
     module.trainer = SimpleNamespace(
-        world_size=WORLD, accumulate_grad_batches=1, strategy=SummingStrategy(other_ranks_tokens=tokens[1])
+        world_size=WORLD,
+        accumulate_grad_batches=1,
+        strategy=SummingStrategy(other_ranks_tokens=tokens[1]),
+        global_step=0,  # read by the objective's lens draw
     )
     optimizer = torch.optim.SGD(module.student.parameters(), lr=0.0)
     module.on_before_optimizer_step(optimizer)
