@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import make_batch, scratch_tokenizer, synchronize  # noqa: E402  (the memory benchmark's helpers)
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
 OBJECTIVES: dict[str, dict] = {
     "kd": {"lens_weight": 0.0},
     "exact": {},
@@ -73,14 +75,14 @@ TINY = dict(
     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
 )  # fmt: skip
 WORKLOADS = {
-    # configs/default.yaml: the student keeps teacher blocks 0, 6, 12, 18, 24, 29; batches of 8 rows of about 128
-    # tokens (about 1,000 tokens, a third of them supervised, as the bundled data gives)
+    # configs/default.yaml's student (teacher blocks kept), layer pairs and batch size, read from the file; rows of
+    # 128 tokens (about 1,000 tokens a batch, a third of them supervised, as the bundled data gives)
     "default": Workload(
         teacher=SMOLLM2,
-        student={"init_from_teacher_layers": [0, 6, 12, 18, 24, 29]},
-        student_layers=[1, 2, 3, 4, 5],
-        teacher_layers=[1, 7, 13, 19, 25],
-        batch=8,
+        student={"init_from_teacher_layers": DEFAULT["model"]["student"]["init_from_teacher_layers"]},
+        student_layers=DEFAULT["model"]["layers"]["student"],
+        teacher_layers=DEFAULT["model"]["layers"]["teacher"],
+        batch=DEFAULT["data"]["batch_size"],
         tokens=128,
         supervised=0.33,
     ),
