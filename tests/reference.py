@@ -104,9 +104,8 @@ class Objective:
     student_layers: list[int] = field(default_factory=list)
     teacher_layers: list[int] = field(default_factory=list)
     mse_weight: float = 0.0
-    projections: list[nn.Module] = field(
-        default_factory=list
-    )  # MSE baseline: teacher -> student width, per pair
+    # the MSE baseline's learned projections, teacher -> student width, one per pair
+    projections: list[nn.Module] = field(default_factory=list)
 
 
 def _supervised_rows(model: nn.Module, batch: dict[str, Tensor], keep: Tensor) -> list[Tensor]:
@@ -155,14 +154,16 @@ def objective_sums(
     if per_pair:
         sums["lens"] = sum(per_pair) / len(per_pair)
     if o.mse_weight:  # squared error averaged over features, summed over tokens, averaged over pairs
-        pairs = zip(o.projections, o.student_layers, o.teacher_layers, strict=True)
-        sums["mse"] = sum(((p(t_rows[j]) - s_rows[i]) ** 2).mean(-1).sum() for p, i, j in pairs) / len(
-            o.projections
-        )
+        pairs = list(zip(o.projections, o.student_layers, o.teacher_layers, strict=True))
+        if any(i == len(s_rows) - 1 or j == len(t_rows) - 1 for _, i, j in pairs):
+            raise NotImplementedError("the raw last residual stream is not in hidden_states")
+        errors = [((proj(t_rows[j]) - s_rows[i]) ** 2).mean(-1).sum() for proj, i, j in pairs]  # (N, d) -> ()
+        sums["mse"] = sum(errors) / len(errors)
     return sums
 
 
 def weighted(sums: dict[str, Tensor], objective: Objective) -> Tensor:
+    """The objective's token sum: each present term times its weight."""
     weights = {
         "ce": objective.ce_weight, "kd": objective.kd_weight, "lens": objective.lens_weight, "mse": objective.mse_weight
     }  # fmt: skip
