@@ -54,7 +54,12 @@ def _log_probs(logits: Tensor, temperature: float) -> Tensor:
 
 
 def _kl(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
-    return (p * (logp - logq)).sum(-1)  # (N,)
+    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)  # (N,); 0 log(0/q) = 0 by convention
+
+
+def _log_mix(weight: float, log_a: Tensor, log_b: Tensor) -> Tensor:
+    """log(weight a + (1 - weight) b) from log a and log b, finite where a and b underflow to 0 together."""
+    return torch.logaddexp(math.log(weight) + log_a, math.log1p(-weight) + log_b)  # (N, V)
 
 
 def divergence(
@@ -74,14 +79,14 @@ def divergence(
         return _kl(t, log_t, log_s) + _kl(s, log_s, log_t)
     if name == "jsd":
         beta = params.get("beta", 0.5)
-        log_m = torch.log(beta * t + (1 - beta) * s)  # M = beta T + (1 - beta) S
+        log_m = _log_mix(beta, log_t, log_s)  # M = beta T + (1 - beta) S
         return beta * _kl(t, log_t, log_m) + (1 - beta) * _kl(s, log_s, log_m)
     if name == "skew_forward_kl":
         alpha = params.get("alpha", 0.1)
-        return _kl(t, log_t, torch.log(alpha * t + (1 - alpha) * s))
+        return _kl(t, log_t, _log_mix(alpha, log_t, log_s))
     if name == "skew_reverse_kl":
         alpha = params.get("alpha", 0.1)
-        return _kl(s, log_s, torch.log(alpha * s + (1 - alpha) * t))
+        return _kl(s, log_s, _log_mix(alpha, log_s, log_t))
     raise NotImplementedError(name)
 
 
