@@ -258,7 +258,7 @@ def summarise(preset: Preset, runs: list[Run]) -> dict[str, Any]:
         "preset": preset.name,
         "config": preset.config,
         "fit_args": preset.fit_args,
-        "train_seeds": preset.train_seeds,
+        "train_seeds": sorted({run.seed for run in runs if run.seed is not None}),  # the finished ones
         "generation_seeds": preset.generation_seeds,
         "metrics": preset.metrics,
         "methods": rows,
