@@ -27,6 +27,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+IGNORE_INDEX = -100
+"""Label value of positions no loss counts (prompt and padding tokens), as Hugging Face losses skip it."""
+
 TokenDivergence = Callable[..., Tensor]
 """(student_logits (..., V), teacher_logits (..., V), **params) -> per-token divergence (...)."""
 
