@@ -1,0 +1,56 @@
+"""What loading data and models from the Hugging Face hub, and caching what they build, have in common.
+
+Kept apart from `data` and `models` (and importing nothing from distillens) so that both tell hub ids from local
+paths by one rule, read offline mode from the same variables, and publish a built folder the same safe way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+"""A hub id: "gpt2" or "org/name"; anything else is a local path."""
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+"""Environment variables asking for offline mode (any one set: use the local cache only)."""
+
+
+def is_hub_id(value: str) -> bool:
+    """Whether the whole string has the form of a hub id (it may still name no repository)."""
+    return HUB_ID.fullmatch(value) is not None
+
+
+def offline_requested() -> bool:
+    """Whether the user asked for offline mode, read now (the libraries read these variables once, at import)."""
+    flags = (os.environ.get(name, "") for name in OFFLINE_VARIABLES)
+    return any(flag.upper() in {"1", "ON", "YES", "TRUE"} for flag in flags)
+
+
+def build_once(folder: Path, build: Callable[[Path], None]) -> None:
+    """Run `build` into a private staging folder, then rename it to `folder` in one atomic step.
+
+    Several processes (DDP ranks) may build at once: each writes its own staging folder, the first rename
+    wins, the others find `folder` complete and drop their copy. Nobody ever sees a half-written folder, and an
+    interrupted build leaves no staging folder behind.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        build(staging)
+        staging.chmod(0o755)  # mkdtemp's folder is private (0700); the published one is an ordinary folder
+        try:
+            os.rename(staging, folder)  # atomic; replaces `folder` only if it is an empty directory
+        except OSError:
+            if not (folder.is_dir() and any(folder.iterdir())):
+                raise
+            log.info("%s was built by another process meanwhile; keeping that one", folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
