@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import distillens.data as data_module
+import distillens.data.datamodule as datamodule_code
+import distillens.data.sources as sources_code
 from distillens.data import InstructionDataModule, SplitStats
 
 ALPACA_INPUT = (
@@ -366,13 +368,13 @@ def test_pad_to_multiple_of_rounds_the_width_up(gpt2_tokenizer, tmp_path, loader
 
 def count_tokenisations(monkeypatch) -> list[int]:
     calls: list[int] = []
-    real = data_module.tokenize_examples
+    real = datamodule_code.tokenize_examples
 
     def counting(prompts, *args, **kwargs):
         calls.append(len(prompts))
         return real(prompts, *args, **kwargs)
 
-    monkeypatch.setattr(data_module, "tokenize_examples", counting)
+    monkeypatch.setattr(datamodule_code, "tokenize_examples", counting)  # where the data module looks it up
     return calls
 
 
@@ -498,7 +500,7 @@ def test_hub_id_without_network_fails_fast_naming_the_id(gpt2_tokenizer, tmp_pat
 
 def test_hub_id_on_an_unreachable_hub_fails_naming_the_id(gpt2_tokenizer, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(data_module, "hub_reachable", lambda: False)
+    monkeypatch.setattr(sources_code, "hub_reachable", lambda: False)  # where load_hub_dataset looks it up
     datamodule = InstructionDataModule(train="someone/some-set", cache_dir=str(tmp_path / "cache"))
     datamodule.connect(gpt2_tokenizer)
     if data_module.hub_offline():
