@@ -35,7 +35,7 @@ from distillens.data import InstructionDataModule
 from distillens.evaluation import eval_mode
 from distillens.export import student_from_checkpoint
 from distillens.lens import LogitLens
-from distillens.losses import get_token_divergence, log_probs
+from distillens.losses import IGNORE_INDEX, get_token_divergence, log_probs
 from distillens.models import ModelSpec, check_same_vocabulary, load_model, load_tokenizer
 
 QUANTITIES = ("divergence", "student_entropy", "teacher_entropy", "student_top1", "teacher_top1")
@@ -119,7 +119,9 @@ def lens_diagnostics(
                         token_divergence,
                     )
     if tokens == 0:
-        raise ValueError("no supervised token in the batches: every label is -100, nothing to diagnose")
+        raise ValueError(
+            f"no supervised token in the batches: every label is {IGNORE_INDEX}, nothing to diagnose"
+        )
     means = (sums / tokens).tolist()
     return LensReport(divergence, student_layers, teacher_layers, *means, tokens=tokens)
 
@@ -128,7 +130,8 @@ def _supervised_rows(lens: LogitLens, batch: dict[str, Tensor], layers: list[int
     """Raw hidden states of `layers` at the positions that predict a supervised token, as (N, d) rows."""
     device = next(lens.model.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    predicts_label = batch["labels"][:, 1:].to(device) != -100  # (B, T-1): position t predicts token t+1
+    next_labels = batch["labels"][:, 1:].to(device)  # (B, T-1): position t predicts token t+1
+    predicts_label = next_labels != IGNORE_INDEX  # (B, T-1)
     with lens.capture(layers) as hidden:
         lens.model(**inputs, use_cache=False, logits_to_keep=1)  # hidden states only, no (B, T, V) logits
     return {i: hidden[i][:, :-1][predicts_label] for i in layers}  # (N, d)
