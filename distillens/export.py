@@ -7,6 +7,7 @@ merged model (a plain Hugging Face folder) or, on request, the adapter folder al
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from distillens.models import (
 )
 
 STUDENT_PREFIX = "student."
+UNREADABLE = (KeyError, RuntimeError, EOFError, pickle.UnpicklingError)
+"""What torch.load raises for a file that is not a checkpoint (a text file gives KeyError, a cut one EOFError)."""
 
 
 def student_from_checkpoint(
@@ -38,7 +41,12 @@ def student_from_checkpoint(
     path = Path(checkpoint_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except UNREADABLE as error:  # torch raises KeyError, RuntimeError... for a file that is not one
+        raise ValueError(
+            f"{path}: not a checkpoint torch can read ({type(error).__name__}: {error})"
+        ) from error
     if "student_config" not in checkpoint:
         raise ValueError(f"{path}: not a distillens checkpoint (no student_config recorded)")
     hparams = checkpoint.get("hyper_parameters", {})
@@ -96,7 +104,14 @@ def tokenizer_from_hparams(hparams: dict):
 def export_checkpoint(
     checkpoint_path: str | Path, out_dir: str | Path, *, adapter_only: bool = False
 ) -> Path:
-    """Write the checkpoint's student as a Hugging Face folder (safetensors + tokenizer): merged by default; with
-    ``adapter_only``, a LoRA student's adapter folder alone."""
+    """A Hugging Face folder (safetensors, config, tokenizer) of the student of any `distillens fit` checkpoint.
+
+    The folder holds the merged model by default; with ``adapter_only``, a LoRA student's adapter folder alone.
+
+    Args:
+        checkpoint_path: a .ckpt written by `distillens fit`
+        out_dir: folder to write (safetensors, config, tokenizer)
+        adapter_only: for a LoRA student: write its adapter folder alone instead of the merged model (the default)
+    """
     student, hparams = student_from_checkpoint(checkpoint_path, keep_adapter=adapter_only)
     return export_student(student, tokenizer_from_hparams(hparams), out_dir, adapter_only=adapter_only)

@@ -1,0 +1,118 @@
+"""`distillens export` and `distillens diagnose`, the commands beside LightningCLI's fit, validate, test, predict.
+
+Each one's parser is built by jsonargparse from a function's signature and docstring, as LightningCLI builds its
+own from the classes: a default or a help text lives in the function alone. The spellings of the earlier argparse
+parsers (``--max-samples``, a bare ``--adapter-only``) are still accepted, as jsonargparse's ``--max_samples`` and
+``--adapter_only true``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from docstring_parser import parse as parse_docstring
+from jsonargparse import ArgumentParser
+
+from distillens.export import export_checkpoint
+
+BOOLEAN_VALUES = ("true", "false", "yes", "no")
+
+
+def diagnose(
+    teacher: str,
+    student: str,
+    data: str,
+    out: str,
+    *,
+    divergence: str = "jsd",
+    max_samples: int = 32,
+    batch_size: int = 4,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    template: str = "alpaca",
+    cache_dir: str = "data/cache",
+) -> tuple[Path, Path]:
+    """Lens diagnostics of a student against its teacher on a data file: lens_diagnostics.png and .json.
+
+    Args:
+        teacher: hub id, folder, .gguf file or smollm2-135m-instruct
+        student: as teacher, a .ckpt, or layers:i,j,... of the teacher
+        data: a data file or folder the data module reads
+        out: folder for lens_diagnostics.png and .json
+        divergence: divergence between lens distributions
+        max_samples: examples to use (the first ones)
+        batch_size: examples per forward pass
+        max_length: longest prompt + response in tokens
+        max_prompt_length: longest prompt in tokens (rows with longer prompts are dropped)
+        template: alpaca, chat, or a string with {instruction}
+        cache_dir: folder for the tokenised data
+    """
+    from distillens.diagnostics import diagnose as lens_diagnose  # matplotlib: only when diagnosing
+
+    return lens_diagnose(
+        teacher, student, data, out, divergence=divergence, max_samples=max_samples, batch_size=batch_size,
+        max_length=max_length, max_prompt_length=max_prompt_length, template=template, cache_dir=cache_dir,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Command:
+    """A function run from the command line, the line printed with what it returns, and whether its required
+    parameters are positionals (``export CHECKPOINT OUT``) or required options (``--teacher SPEC``)."""
+
+    function: Callable
+    done: str
+    positional: bool
+
+    @property
+    def summary(self) -> str:
+        """The first line of the function's docstring: the command's entry in `distillens --help`."""
+        return parse_docstring(self.function.__doc__ or "").short_description or ""
+
+
+COMMANDS = {
+    "export": Command(export_checkpoint, "student exported to {}", positional=True),
+    "diagnose": Command(diagnose, "lens diagnostics written to {} and {}", positional=False),
+}
+
+
+def command_parser(name: str) -> ArgumentParser:
+    """jsonargparse's parser of a command: its function's parameters, each documented by the docstring's Args
+    section."""
+    command = COMMANDS[name]
+    parser = ArgumentParser(prog=f"distillens {name}", description=command.summary, exit_on_error=False)
+    parser.add_function_arguments(command.function, as_positional=command.positional)
+    return parser
+
+
+def run_command(name: str, args: list[str]) -> None:
+    """Parse ``args`` for command ``name``, run it and print what it wrote."""
+    command = COMMANDS[name]
+    options = command_parser(name).parse_args(earlier_spellings(args, command.function))
+    result = command.function(**options.as_dict())
+    print(command.done.format(*(result if isinstance(result, tuple) else (result,))))
+
+
+def earlier_spellings(args: list[str], function: Callable) -> list[str]:
+    """``args`` with the argparse spellings of ``function``'s options in jsonargparse's: dashes in an option's
+    name become underscores, and a boolean option given bare (a flag) gets the value true."""
+    parameters = inspect.signature(function).parameters
+    spelled: list[str] = []
+    for index, arg in enumerate(args):
+        name, equals, value = arg.partition("=")
+        key = name[2:].replace("-", "_") if name.startswith("--") else ""
+        if key not in parameters:
+            spelled.append(arg)
+            continue
+        spelled.append(f"--{key}{equals}{value}")
+        following = args[index + 1] if index + 1 < len(args) else ""
+        if (
+            isinstance(parameters[key].default, bool)
+            and not equals
+            and following.lower() not in BOOLEAN_VALUES
+        ):
+            spelled.append("true")
+    return spelled

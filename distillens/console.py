@@ -1,0 +1,136 @@
+"""What the command line shows: bad input as one error line, progress on stdout, warnings and errors on stderr.
+
+Errors a user can cause (a bad path, an unknown loss name, mismatched vocabularies, bad layer pairs, a malformed
+config) print one line on stderr and exit with status 1; ``--debug`` (or DISTILLENS_DEBUG=1) shows the full traceback
+instead. Progress messages go to stdout, so a failed run leaves exactly that one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+USER_ERRORS = (
+    ValueError,  # bad values: our checks of settings, layer pairs, vocabularies, data and checkpoints
+    OSError,  # FileNotFoundError, NotADirectoryError: missing paths; an unknown model id (distillens.models)
+    ImportError,  # an optional extra a config asks for and that is not installed (metric sbert)
+    argparse.ArgumentError,  # jsonargparse's parsing errors (the parsers raise them: exit_on_error=False)
+)
+"""Exceptions reported as one line: those raised for bad input. Anything else is a bug and keeps its traceback."""
+CONFIG_FLAGS = ("--config", "-c")
+DEBUG_FLAG = "--debug"
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")  # each has a stderr handler
+
+
+def debug_requested(args: list[str]) -> bool:
+    """Whether the user asked for tracebacks: ``--debug`` anywhere in ``args``, or DISTILLENS_DEBUG set and not 0."""
+    return DEBUG_FLAG in args or os.environ.get("DISTILLENS_DEBUG", "") not in ("", "0")
+
+
+@contextmanager
+def user_errors_as_one_line(debug: bool, prog: str = "distillens") -> Iterator[None]:
+    """Report a USER_ERRORS exception as ``<prog>: error: <one line>`` on stderr and exit with status 1 (unless
+    ``debug``: the exception then propagates with its traceback)."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"{prog}: error: {error_line(error)} (run with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def check_config_files(args: list[str]) -> None:
+    """Parse every existing ``--config`` file first, so that malformed YAML is reported with its file and line
+    (jsonargparse names only ``<unicode string>``); missing files are left to jsonargparse, which names them."""
+    for index, flag in enumerate(args):
+        value = args[index + 1] if flag in CONFIG_FLAGS and index + 1 < len(args) else None
+        if flag.startswith("--config="):
+            value = flag.split("=", 1)[1]
+        if value is None or not Path(value).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error)
+            raise ValueError(f"{value}{where}: malformed YAML ({problem})") from None
+
+
+def error_line(error: BaseException) -> str:
+    """One line saying what went wrong, from an exception whose message may span many lines.
+
+    jsonargparse reports a bad value of an optional field (``X | None``) as "Does not validate against any of the
+    Union subtypes", then one "- reason" per subtype: the reasons not about ``None`` are the real ones.
+    """
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    prefix = ""
+    # jsonargparse names the option first: 'Parser key "trainer.max_steps":', alone or before the reason
+    if key := re.match(r'Parser key "([^"]+)":\s*', lines[0]):
+        prefix, lines[0] = f"{key.group(1)}: ", lines[0][key.end() :]
+        lines = [line for line in lines if line]
+    if lines and lines[0].startswith("Does not validate against any of the Union subtypes"):
+        reasons = _union_reasons(lines)
+        if reasons:
+            return prefix + "; ".join(reasons)
+    return prefix + " ".join(lines)
+
+
+def _union_reasons(lines: list[str]) -> list[str]:
+    """The lines between "Errors:" and "Given value", without the None subtype's and class-path headers."""
+    start = lines.index("Errors:") + 1 if "Errors:" in lines else len(lines)
+    stop = next((i for i, line in enumerate(lines) if line.startswith("Given value")), len(lines))
+    return [
+        line.removeprefix("- ")
+        for line in lines[start:stop]
+        if "NoneType" not in line and not line.startswith("- Problem with given class_path")
+    ]
+
+
+class _CurrentStream(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stdout``/``sys.stderr`` is when a record comes (tests swap them)."""
+
+    def __init__(self, name: str) -> None:
+        self.stream_name = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # always the current sys stream
+
+
+def route_logging() -> None:
+    """Progress messages (below WARNING) to stdout, warnings and errors to stderr; once per process.
+
+    Lightning gave its loggers their own stderr handlers when it was imported (the root logger had none yet):
+    they now propagate to the root handlers instead, as Lightning does when the root logger is configured first.
+    Other libraries log warnings only, which belong on stderr anyway.
+    """
+    root = logging.getLogger()
+    if not any(isinstance(handler, _CurrentStream) for handler in root.handlers):
+        progress, problems = _CurrentStream("stdout"), _CurrentStream("stderr")
+        progress.addFilter(lambda record: record.levelno < logging.WARNING)
+        problems.setLevel(logging.WARNING)
+        for handler in (progress, problems):
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
