@@ -132,6 +132,12 @@ def test_spec_needs_exactly_one_origin(fields):
         ModelSpec(**fields)
 
 
+def test_tokenizer_source_is_the_tokenizer_else_the_source():
+    assert ModelSpec(source="org/model").tokenizer_source == "org/model"
+    assert ModelSpec(source="org/model", tokenizer="org/tokenizer").tokenizer_source == "org/tokenizer"
+    assert tiny_spec("llama").tokenizer_source is None  # a random init names no tokenizer of its own
+
+
 def test_spec_is_built_from_yaml_by_jsonargparse():
     """LightningCLI builds specs from YAML through jsonargparse: nested config dicts and layer lists survive."""
     from jsonargparse import ArgumentParser
