@@ -1,7 +1,7 @@
 """Lens-loss benchmark: the published code's naive projection against our chunked lens loss (and Liger if present).
 
 Each variant runs in its own process so that peak memory is its own: peak RSS growth on CPU, max allocated on CUDA,
-measured from just before the forward to the end of the backward. The workload is GPT-2 scale (README, "What we fixed in the published code"):
+measured from just before the forward to the end of the backward. The workload is GPT-2 scale (docs/method.md, "What we fixed in the published code"):
 5 layer pairs, student hidden 768, teacher hidden 1600, vocabulary 50,257, batch 4 x 256 tokens, half supervised.
 
     python benchmarks/lens_loss.py                  # every variant, table printed and saved under logs/bench/
@@ -13,25 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
-from pathlib import Path
 
+import harness
 import torch
+from harness import peak_rss
 from torch import nn
 
 from distillens.lens import LogitLens, lens_loss, naive_lens_loss
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("naive", "chunked", "liger")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--pairs", type=int, default=5, help="layer pairs k")
     parser.add_argument("--student-hidden", type=int, default=768)
     parser.add_argument("--teacher-hidden", type=int, default=1600)
@@ -42,7 +38,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=int, default=256, help="rows per chunk of the chunked lens loss")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--out", type=Path, default=REPO / "logs" / "bench", help="folder for the JSON table")
     parser.add_argument("--run-one", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: child process
     return parser.parse_args(argv)
 
@@ -50,10 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def current_rss() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def workload(args: argparse.Namespace):
@@ -118,15 +109,6 @@ def run_one(args: argparse.Namespace) -> dict:
     return {"variant": args.run_one, "loss": float(loss), "seconds": seconds, "peak_extra_bytes": extra}
 
 
-def spawn(variant: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *argv, "--run-one", variant]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1]
-        return {"variant": variant, "error": reason}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def liger_available() -> bool:
     try:
         import liger_kernel.chunked_loss  # noqa: F401
@@ -166,12 +148,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.device}, {torch.get_num_threads()} threads",
         flush=True,
     )
-    rows = [spawn(variant, argv) for variant in variants]
+    rows = [harness.spawn(__file__, variant, argv) for variant in variants]
     print(table(rows))
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"lens_loss_{args.device.split(':')[0]}.json"
-    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
-    print(f"saved {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    harness.save_record(args.out, f"lens_loss_{args.device.split(':')[0]}.json", record)
 
 
 if __name__ == "__main__":

@@ -38,24 +38,18 @@ from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
+import harness
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import FlopCounter  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from harness import FlopCounter
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument(
         "--config", action="append", required=True, help="config file(s), as for distillens fit"
     )
     parser.add_argument("--rounds", type=int, default=3, help="timed steps (after one untimed step)")
     parser.add_argument("--grad-check", action="store_true", help="bf16-mixed vs fp32 objective and gradient")
-    parser.add_argument("--out", type=Path, default=REPO / "logs" / "bench", help="folder for the JSON")
     return parser.parse_known_args(argv)
 
 
@@ -222,8 +216,7 @@ def grad_check(module, batch) -> dict:
     for precision in ("32-true", "bf16-mixed"):
         module.zero_grad(set_to_none=True)
         with autocast_for(precision):
-            terms = module(batch)
-            loss = module.weighted_sum(terms) / terms["tokens"].clamp_min(1)
+            loss = harness.token_mean_objective(module, batch)
         loss.backward()
         grads = {
             name: p.grad.detach().float().clone()
@@ -280,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  round {round_ + 1}/{args.rounds} done", flush=True)
     with torch.no_grad(), autocast_for(precision):  # the same batch through the module's own forward
         terms = module(step.batch)
-        reference = float(module.weighted_sum(terms))
+        reference = float(terms.total())
     module_difference = abs(float(step.state["objective"].detach()) - reference) / max(abs(reference), 1e-30)
     rows = [
         {
@@ -308,10 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"terms vs the module's own objective on the last batch: relative difference {module_difference:.2e}"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"profile_{Path(args.config[-1]).stem}_{precision}.json"
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"saved {out}")
+    harness.save_record(args.out, f"profile_{Path(args.config[-1]).stem}_{precision}.json", report)
     return report
 
 

@@ -22,23 +22,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import harness
 import torch
 import yaml
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from harness import GPT2, REPO, FlopCounter, make_batch, synchronize
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import make_batch, scratch_tokenizer, synchronize  # noqa: E402  (the memory benchmark's helpers)
-
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
 OBJECTIVES: dict[str, dict] = {
     "kd": {"lens_weight": 0.0},
@@ -51,15 +45,9 @@ PRECISIONS = {"fp32": False, "bf16": True}
 
 
 @dataclass(frozen=True)
-class Workload:
-    """Random models of given shapes, their layer pairs and the batch shape."""
+class Workload(harness.Workload):
+    """Random models of given shapes, their layer pairs and the batch shape, and its supervised fraction."""
 
-    teacher: dict
-    student: dict
-    student_layers: list[int]
-    teacher_layers: list[int]
-    batch: int
-    tokens: int
     supervised: float
 
 
@@ -68,8 +56,6 @@ SMOLLM2 = dict(
     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
     rms_norm_eps=1e-5,
 )  # fmt: skip
-GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
-GPT2 |= {"attn_pdrop": 0.0}
 TINY = dict(
     model_type="llama", vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
@@ -109,9 +95,7 @@ WORKLOADS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument(
         "--workload", choices=list(WORKLOADS), default="default", help="model and batch shapes"
     )
@@ -129,59 +113,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="what the ratios use: wall time, or the process's CPU time (with --threads 1, robust on a shared "
         "machine: waiting for a core is not counted)",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "logs" / "bench", help="folder for the JSON")
     return parser.parse_args(argv)
 
 
 def build_module(workload: Workload, device: str, folder: Path, chunk_size: int):
     """The DistillationModule (random weights, DistillLens objective) shared by every variant."""
-    from distillens.models import ModelSpec
-    from distillens.module import DistillationModule, LayerPairs, LossConfig
-
-    tokenizer = str(scratch_tokenizer(folder))
-    student = ModelSpec(**workload.student, tokenizer=tokenizer)
-    module = DistillationModule(
-        student=student,
-        teacher=ModelSpec(config=workload.teacher, tokenizer=tokenizer),
-        loss=LossConfig(chunk_size=chunk_size),
-        layers=LayerPairs(student=workload.student_layers, teacher=workload.teacher_layers),
-    )
-    with torch.device(device):
-        module.configure_model()
-    return module.to(device).train()
+    tokenizer = str(harness.scratch_tokenizer(folder))
+    student = {**workload.student, "tokenizer": tokenizer}
+    teacher = {"config": workload.teacher, "tokenizer": tokenizer}
+    return harness.build_module(student, teacher, {"chunk_size": chunk_size}, workload, device)
 
 
 def step(module, optimizer, batch, objective: str, bf16: bool) -> float:
     """One training step of a variant: forward (teacher, student, objective), backward, AdamW."""
-    module.loss_config = dataclasses.replace(module.base_loss, **OBJECTIVES[objective])
-    with torch.autocast(module.device.type, torch.bfloat16, enabled=bf16):
-        terms = module(batch)
-        loss = module.weighted_sum(terms) / terms["tokens"].clamp_min(1)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    config = dataclasses.replace(module.base_loss, **OBJECTIVES[objective])
+    module.loss_config = module.objective.config = config  # the objective reads its own reference to the config
+    autocast = lambda: torch.autocast(module.device.type, torch.bfloat16, enabled=bf16)  # noqa: E731
+    loss = harness.train_step(module, optimizer, batch, autocast)
     module._window_batches = 0  # as on_before_optimizer_step does: the next step draws afresh
-    return float(loss.detach())
-
-
-class FlopCounter(TorchDispatchMode):
-    """Sums the FLOPs of every operator torch.utils.flop_counter has a formula for (matrix products, attention).
-
-    FlopCounterMode itself also tracks modules with backward hooks, which autograd.grad inside the chunked lens
-    refuses; the formulas are the same.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.flops += formula(*args, **kwargs, out_val=out)
-        return out
+    return loss
 
 
 def count_flops(module, optimizer, batch, objective: str, bf16: bool) -> int:
@@ -199,10 +149,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
         module = build_module(workload, args.device, Path(folder), args.chunk_size)
     module.base_loss = module.loss_config
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6)
-    batch_args = argparse.Namespace(
-        tokens=workload.tokens, supervised=workload.supervised, device=args.device
-    )
-    batch = make_batch(batch_args, workload.batch, module.student.config.vocab_size)
+    vocab = module.student.config.vocab_size
+    batch = make_batch(workload.batch, workload.tokens, vocab, workload.supervised, args.device)
     variants = [(o, p) for o in args.objectives for p in args.precisions]
     rows = {v: {"objective": v[0], "precision": v[1], "seconds": []} for v in variants}
     for objective, precision in variants:  # warm-up: the first step also counts the FLOPs
@@ -266,12 +214,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     rows = measure(args)
     print(table(rows))
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"train_speed_{args.workload}_{torch.device(args.device).type}.json"
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "workload": dataclasses.asdict(workload)}
     record["rows"] = rows
-    out.write_text(json.dumps(record, indent=2))
-    print(f"saved {out}")
+    harness.save_record(
+        args.out, f"train_speed_{args.workload}_{torch.device(args.device).type}.json", record
+    )
     return record
 
 

@@ -21,17 +21,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import harness
 import torch
+from harness import GPT2, make_batch, peak_memory, synchronize, train_step
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, dict] = {
     "kd": {"lens_weight": 0.0},
     "chunked": {"lens_impl": "chunked"},
@@ -41,21 +40,12 @@ VARIANTS: dict[str, dict] = {
 
 
 @dataclass(frozen=True)
-class Workload:
-    """Teacher and student configs, layer pairs and the default batch of one device type."""
+class Workload(harness.Workload):
+    """Teacher and student configs, layer pairs and the default batch of one device type, and its precision."""
 
-    teacher: dict
-    student: dict
-    student_layers: list[int]
-    teacher_layers: list[int]
-    batch: int
-    tokens: int
     precision: str
 
 
-# no dropout: the three variants then see the same computation and their losses can be compared
-GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
-GPT2 |= {"attn_pdrop": 0.0}
 WORKLOADS = {
     # the paper's GPT-2 pairs: 124M (12 blocks) <- 1.5B (48 blocks), S {2,4,6,8,10} / T {8,16,24,32,40}
     "cuda": Workload(
@@ -82,9 +72,7 @@ PRECISIONS = ("32-true", "bf16-true", "bf16-mixed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (picks the workload)")
     parser.add_argument("--batch", type=int, help="rows per step (default: the workload's)")
     parser.add_argument("--tokens", type=int, help="sequence length (default: the workload's)")
@@ -102,7 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=600, help="seconds allowed to each variant's process"
     )
-    parser.add_argument("--out", type=Path, default=REPO / "logs" / "bench", help="folder for the JSON table")
     parser.add_argument(
         "--run-one", choices=list(VARIANTS), help=argparse.SUPPRESS
     )  # internal: child process
@@ -118,68 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # One variant (child process)
 
 
-def scratch_tokenizer(folder: Path) -> Path:
-    """A two-token tokenizer: the module needs one to exist, the benchmark feeds random ids and never decodes."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel({"<unk>": 0, "<eos>": 1}, unk_token="<unk>"))
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(
-        folder
-    )
-    return folder
-
-
 def build_module(args: argparse.Namespace, variant: str, tokenizer: Path):
     """The DistillationModule of a variant, its random models created directly on the device."""
-    from distillens.models import ModelSpec
-    from distillens.module import DistillationModule, LayerPairs, LossConfig
-
     workload = WORKLOADS["cuda" if args.device.startswith("cuda") else "cpu"]
     dtype = "bfloat16" if args.precision == "bf16-true" else "float32"
-    spec = lambda config: ModelSpec(config=config, tokenizer=str(tokenizer), dtype=dtype)  # noqa: E731
-    module = DistillationModule(
-        student=spec(workload.student),
-        teacher=spec(workload.teacher),
-        loss=LossConfig(chunk_size=args.chunk_size, **VARIANTS[variant]),
-        layers=LayerPairs(student=workload.student_layers, teacher=workload.teacher_layers),
-    )
-    with torch.device(args.device):
-        module.configure_model()
-    return module.to(args.device).train()
-
-
-def make_batch(args: argparse.Namespace, rows: int, vocab: int) -> dict[str, torch.Tensor]:
-    """Random tokens; each row's prompt (the first 1 - supervised of it) is masked out of the labels."""
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab, (rows, args.tokens), generator=generator)  # (B, T)
-    labels = input_ids.clone()  # (B, T)
-    labels[:, : int(args.tokens * (1 - args.supervised))] = -100
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-    return {name: tensor.to(args.device) for name, tensor in batch.items()}
-
-
-def train_step(module, optimizer, batch, autocast) -> float:
-    """Forward, backward and optimizer step on one batch; returns the token-mean objective."""
-    with autocast():
-        terms = module(batch)
-        loss = module.weighted_sum(terms) / terms["tokens"].clamp_min(1)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def peak_memory(device: str) -> int:
-    """Bytes: max allocated on CUDA since the last reset, else the process's peak resident set (Linux: KiB)."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    spec = lambda config: {"config": config, "tokenizer": str(tokenizer), "dtype": dtype}  # noqa: E731
+    loss = {"chunk_size": args.chunk_size, **VARIANTS[variant]}
+    return harness.build_module(spec(workload.student), spec(workload.teacher), loss, workload, args.device)
 
 
 def timed_steps(args, module, optimizer, batch, autocast) -> tuple[float, float]:
@@ -203,7 +135,8 @@ def largest_batch(args, module, optimizer, vocab, autocast) -> tuple[int | None,
         try:
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            train_step(module, optimizer, make_batch(args, rows, vocab), autocast)
+            batch = make_batch(rows, args.tokens, vocab, args.supervised, args.device)
+            train_step(module, optimizer, batch, autocast)
             synchronize(args.device)
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
@@ -219,14 +152,15 @@ def run_one(args: argparse.Namespace) -> dict:
     row = {"variant": args.run_one, "batch": args.batch, "tokens": args.tokens}
     torch.manual_seed(0)  # the same random models in every variant's process
     with tempfile.TemporaryDirectory() as folder:
-        module = build_module(args, args.run_one, scratch_tokenizer(Path(folder)))
+        module = build_module(args, args.run_one, harness.scratch_tokenizer(Path(folder)))
     vocab = module.student.config.vocab_size
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     bf16_mixed = args.precision == "bf16-mixed"
     device_type = torch.device(args.device).type
     autocast = lambda: torch.autocast(device_type, torch.bfloat16, enabled=bf16_mixed)  # noqa: E731
     try:
-        seconds, loss = timed_steps(args, module, optimizer, make_batch(args, args.batch, vocab), autocast)
+        batch = make_batch(args.batch, args.tokens, vocab, args.supervised, args.device)
+        seconds, loss = timed_steps(args, module, optimizer, batch, autocast)
     except torch.OutOfMemoryError:
         return row | {"error": "out of memory"}
     row |= {
@@ -242,19 +176,6 @@ def run_one(args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The driver: one process per variant, then the table
-
-
-def spawn(variant: str, argv: list[str], timeout: float) -> dict:
-    command = [sys.executable, __file__, *argv, "--run-one", variant]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"variant": variant, "error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-        killed = done.returncode in (-9, 137)  # the kernel's OOM killer on CPU
-        return {"variant": variant, "error": "out of memory (killed)" if killed else lines[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict]) -> str:
@@ -295,14 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = []
     for variant in args.variants:
-        rows.append(spawn(variant, argv, args.timeout))
+        rows.append(harness.spawn(__file__, variant, argv, args.timeout))
         print(f"  {variant}: done", flush=True)
     print(table(rows))
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"train_step_{torch.device(args.device).type}.json"
     record = {"args": {k: str(v) for k, v in vars(args).items() if k != "run_one"}, "rows": rows}
-    out.write_text(json.dumps(record, indent=2))
-    print(f"saved {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    harness.save_record(args.out, f"train_step_{torch.device(args.device).type}.json", record)
 
 
 if __name__ == "__main__":
