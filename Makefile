@@ -9,7 +9,7 @@ ARGS ?=
 PRESET ?= cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all train replicate tensorboard bench bench-train bench-memory profile gpu-check lint format clean
+.PHONY: help install test train replicate tensorboard bench bench-train bench-memory profile gpu-check lint format clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
