@@ -1,5 +1,6 @@
-"""Training callbacks: token throughput, a fixed number of sequences per optimizer step whatever the device count,
-initial validation, export of the trained student as a Hugging Face folder, and lens diagnostics."""
+"""Callbacks: token throughput, a fixed number of sequences per optimizer step whatever the device count, initial
+validation, generation-based evaluation (test and validation), export of the trained student as a Hugging Face
+folder, and lens diagnostics."""
 
 from __future__ import annotations
 
@@ -12,7 +13,17 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from distillens.diagnostics import lens_diagnostics, plot_lens_diagnostics
+from distillens.evaluation import (
+    GenerationEvaluator,
+    GenerationSettings,
+    eval_mode,
+    metric_values,
+    results_markdown,
+    shard_loader,
+    write_results,
+)
 from distillens.lens import LogitLens
+from distillens.objective import token_means
 
 
 class TokenThroughput(L.Callback):
@@ -95,28 +106,93 @@ class InitialValidation(L.Callback):
         if limit is None and isinstance(trainer.limit_val_batches, int):
             limit = trainer.limit_val_batches
         sums: dict[str, float] = {}
-        was_training = pl_module.training
-        pl_module.eval()
+        batches = itertools.islice(trainer.datamodule.val_dataloader(), limit)
         # in the run's precision (bf16-mixed: autocast), as Lightning runs the later validations
-        with torch.no_grad(), trainer.precision_plugin.forward_context():
-            for index, batch in enumerate(trainer.datamodule.val_dataloader()):
-                if limit is not None and index >= limit:
-                    break
-                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-                terms = pl_module(batch)
-                terms["loss"] = pl_module.weighted_sum(terms)
-                for name, value in terms.items():
-                    scale = terms["tokens"] if name.startswith("lens/") else 1
-                    sums[name] = sums.get(name, 0.0) + float(value * scale)
-        pl_module.train(was_training)
-        tokens = max(sums.pop("tokens", 0.0), 1.0)
-        metrics = {f"val/{name}": value / tokens for name, value in sums.items()}
+        with eval_mode(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
+            for batch in batches:
+                terms = pl_module(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
+                for name, value in terms.token_sums().items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+        metrics = {f"val/{name}": value for name, value in token_means(sums).items()} if sums else {}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=0)
         print(
             "initial validation: "
             + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "/lens/" not in k)
         )
+
+
+class GenerationEvaluation(L.Callback):
+    """Generation-based evaluation, driven from the trainer's loops: ``distillens test`` and validation generation.
+
+    The module adds it itself (``configure_callbacks``) with its ``model.generation`` settings, so every run that
+    tests or validates has it. In ``test``, every prompt-only batch (the data module's generation loaders) is
+    answered under every generation seed in the run's precision, as a test step would be; at the end, the scores
+    are logged as ``test/<set>/<metric>`` and written with the answers to ``<run folder>/eval`` (or
+    ``generation.output_dir``). In ``fit``, every ``every_n_val``-th validation answers (the first ``max_prompts``)
+    validation prompts under the first seed and logs ``val/<metric>`` (the paper keeps the checkpoint with the best
+    validation ROUGE-L).
+
+    Args:
+        settings: the module's generation settings.
+    """
+
+    def __init__(self, settings: GenerationSettings) -> None:
+        self.settings = settings
+        self._validations = 0  # validation runs since this process started (generation every N-th)
+        self._evaluator: GenerationEvaluator | None = None
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._evaluator = GenerationEvaluator(self.settings, pl_module.tokenizer)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if "labels" in batch:
+            return  # a labelled batch: the module's teacher-forced loss
+        with trainer.precision_plugin.test_step_context():
+            self._evaluator.add(_generator_of(pl_module, self.settings), batch)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        protocol = getattr(trainer.datamodule, "eval_protocol", None)  # prompt and reference filters
+        outcome = self._evaluator.results(protocol() if callable(protocol) else None)
+        if outcome is None:
+            return
+        results, runs = outcome
+        for name, value in metric_values(results).items():
+            pl_module.log(name, value, sync_dist=True)  # the same value on every rank
+        if trainer.is_global_zero:
+            run_folder = Path(trainer.log_dir or trainer.default_root_dir)
+            folder = Path(self.settings.output_dir) if self.settings.output_dir else run_folder / "eval"
+            write_results(folder, results, runs)
+            print(f"\n{results_markdown(results)}results and answers written to {folder}")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self.settings.every_n_val:
+            return
+        self._validations += 1
+        if self._validations % self.settings.every_n_val:
+            return
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "generation_dataloader"):
+            raise ValueError(
+                "generation.every_n_val > 0 needs the InstructionDataModule (its validation prompts)"
+            )
+        prompts = shard_loader(
+            datamodule.generation_dataloader("validation"),
+            trainer.global_rank, trainer.world_size, self.settings.max_prompts,
+        )  # fmt: skip
+        batches = (pl_module.transfer_batch_to_device(batch, pl_module.device, 0) for batch in prompts)
+        evaluator = GenerationEvaluator(self.settings, pl_module.tokenizer)
+        for name, value in evaluator.validation_scores(
+            _generator_of(pl_module, self.settings), batches
+        ).items():
+            pl_module.log(f"val/{name}", value, sync_dist=True)  # the same value on every rank
+
+
+def _generator_of(pl_module, settings: GenerationSettings):
+    """The model that answers: the student, or the teacher for the reference row of a results table."""
+    if settings.generator == "teacher" and pl_module.teacher is None:
+        raise ValueError("generation.generator is 'teacher' but model.teacher is not set")
+    return pl_module.teacher if settings.generator == "teacher" else pl_module.student
 
 
 class ExportStudent(L.Callback):

@@ -5,7 +5,8 @@ and its logits: the final norm, an output projection if any (OPT's ``project_out
 post-processing its config asks for (final-logit softcapping, logit scale). ``lens.logits(h_L)`` therefore equals the
 model's logits, and ``lens.logits(h_i)`` is the logit lens of layer i.
 
-``lens_loss`` compares teacher and student lens distributions layer pair by layer pair. It never materialises
+``lens_loss`` compares teacher and student lens distributions layer pair by layer pair (``projected_divergence``
+with the lenses; the final-layer term is the same routine with the output heads). It never materialises
 (k, B, T, V) logits as the published code does: it gathers the supervised positions, projects them chunk by chunk,
 and computes each chunk's gradient while the chunk is live, so peak memory holds one chunk of vocabulary-sized rows per
 model whatever the number of pairs, the batch or the sequence length.
@@ -20,9 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from distillens.losses import TOKEN_GRADIENTS, get_token_divergence
-
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
-"""Attribute names a decoder gives its final norm, preferred in this order over any other norm child."""
+from distillens.structure import blocks_of, decoder_of, final_norm_of, unembedding_of
 
 
 class LogitLens:
@@ -39,17 +38,13 @@ class LogitLens:
     def __init__(self, model: nn.Module, *, apply_final_norm: bool = True) -> None:
         self.model = model
         self.apply_final_norm = apply_final_norm
-        decoder = _decoder_of(model)
-        self.blocks = _blocks_of(model, decoder)
-        self.norm = _final_norm_of(decoder, self.blocks)
+        decoder = decoder_of(model)
+        self.blocks = blocks_of(model, decoder)
+        self.norm = final_norm_of(decoder, self.blocks)
         self.output_projection = getattr(
             decoder, "project_out", None
         )  # OPT with word_embed_proj_dim != hidden
-        self.unembedding = model.get_output_embeddings()
-        if self.unembedding is None:
-            raise ValueError(
-                f"{type(model).__name__}: no output embeddings (get_output_embeddings() returned None)"
-            )
+        self.unembedding = unembedding_of(model)
         config = model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(z / cap)
         self.logit_scale = getattr(config, "logit_scale", None)  # Cohere: z * scale
@@ -139,65 +134,30 @@ class LogitLens:
         return self.blocks[index - 1].register_forward_hook(after_block)
 
 
-def _decoder_of(model: nn.Module) -> nn.Module:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None:
-        raise ValueError(
-            f"{type(model).__name__} is not a decoder-only causal LM: get_decoder() found no decoder"
-        )
-    return decoder
-
-
-def _blocks_of(model: nn.Module, decoder: nn.Module) -> nn.ModuleList:
-    """The decoder's ModuleList of blocks: the direct child whose length is the configured depth."""
-    depth = getattr(model.config, "num_hidden_layers", None)
-    for child in decoder.children():
-        if isinstance(child, nn.ModuleList) and len(child) == depth:
-            return child
-    raise ValueError(
-        f"{type(model).__name__}: no list of {depth} decoder blocks among the children of {type(decoder).__name__}"
-    )
-
-
-def _final_norm_of(decoder: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
-    """The decoder's own norm applied after the last block (None for families without one, e.g. post-LN OPT)."""
-    norms = {
-        name: child
-        for name, child in decoder.named_children()
-        if child is not blocks and "norm" in type(child).__name__.lower()
-    }
-    for name in FINAL_NORM_NAMES:
-        if name in norms:
-            return norms[name]
-    if len(norms) == 1:
-        return next(iter(norms.values()))
-    if any(name in FINAL_NORM_NAMES for name, _ in decoder.named_children()):
-        return None  # the attribute exists but is None: the family applies no final norm
-    raise ValueError(
-        f"{type(decoder).__name__}: cannot tell the final norm among {sorted(norms) or 'no children'}"
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The lens loss
 
 
-def lens_loss(
+def projected_divergence(
     student_hidden: Sequence[Tensor],
     teacher_hidden: Sequence[Tensor],
-    student_lens: LogitLens,
-    teacher_lens: LogitLens,
+    student_projection: LogitLens,
+    teacher_projection: LogitLens,
     mask: Tensor,
     divergence: str = "jsd",
     chunk_size: int = 256,
     reduction: str = "mean",
     **params: float,
 ) -> tuple[Tensor, Tensor]:
-    """Mean over layer pairs of the masked token mean of the divergence between lens distributions.
+    """Divergence between the vocabulary distributions two projections give of aligned hidden states.
+
+    The generic routine behind both distillation terms: with the models' output heads on their last hidden states it
+    is the final-layer term; with their lenses on layer pairs it is the lens term (``lens_loss``). Each pair's masked
+    token mean (or sum) of the divergence is computed chunk by chunk, and the pairs are averaged.
 
     Args:
         student_hidden: k tensors (B, T, d_s), aligned by pair with ``teacher_hidden`` (k tensors (B, T, d_t)).
-        student_lens, teacher_lens: the two models' lenses.
+        student_projection, teacher_projection: map a hidden state to logits (a lens, or the output head).
         mask: (B, T), truthy where a token is supervised.
         divergence: a registered divergence name (losses.TOKEN_DIVERGENCES).
         chunk_size: rows projected at once; bounds peak memory at about chunk_size x V per model.
@@ -222,13 +182,39 @@ def lens_loss(
     teacher_rows = torch.cat([h.reshape(-1, h.shape[-1])[keep] for h in teacher_hidden])  # (k*N, d_t)
     row_weight = 1.0 / pairs / (max(count, 1) if reduction == "mean" else 1)
     tracking = torch.is_grad_enabled()  # under no_grad (validation) no gradient is computed chunk by chunk
-    student_params = [p for p in student_lens.parameters() if p.requires_grad] if tracking else []
-    chunks = _ChunkPlan(student_lens, teacher_lens, divergence, params, chunk_size, row_weight)
+    student_params = [p for p in student_projection.parameters() if p.requires_grad] if tracking else []
+    chunks = _ChunkPlan(student_projection, teacher_projection, divergence, params, chunk_size, row_weight)
     loss, per_row = _ChunkedLensDivergence.apply(
         chunks, student_rows if tracking else student_rows.detach(), teacher_rows, *student_params
     )
     per_pair = per_row.reshape(pairs, count).sum(-1) / max(count, 1)  # (k,)
     return loss, per_pair
+
+
+def lens_loss(
+    student_hidden: Sequence[Tensor],
+    teacher_hidden: Sequence[Tensor],
+    student_lens: LogitLens,
+    teacher_lens: LogitLens,
+    mask: Tensor,
+    divergence: str = "jsd",
+    chunk_size: int = 256,
+    reduction: str = "mean",
+    **params: float,
+) -> tuple[Tensor, Tensor]:
+    """The lens term: mean over layer pairs of the masked token mean (or sum) of the divergence between the two
+    models' logit-lens distributions. ``projected_divergence`` with the lenses; see it for the arguments."""
+    return projected_divergence(
+        student_hidden,
+        teacher_hidden,
+        student_lens,
+        teacher_lens,
+        mask,
+        divergence,
+        chunk_size,
+        reduction,
+        **params,
+    )
 
 
 class _ChunkPlan:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -35,20 +36,53 @@ TokenDivergence = Callable[..., Tensor]
 
 TOKEN_DIVERGENCES: dict[str, TokenDivergence] = {}
 
+
+@dataclass(frozen=True)
+class DivergenceParam:
+    """One parameter a divergence takes besides the temperature: what configs may set in ``kd_params``."""
+
+    name: str
+    default: float
+    low: float
+    high: float
+    doc: str
+
+
+DIVERGENCE_PARAMS: dict[str, tuple[DivergenceParam, ...]] = {}
+"""Divergence name -> the parameters it declares (empty: it takes none)."""
+
 TokenValueAndGrad = Callable[..., tuple[Tensor, Tensor]]
 """(student_logits (n, V), teacher_logits (n, V), **params) -> (per-row divergence (n,), d/d student_logits (n, V))."""
 
 TOKEN_GRADIENTS: dict[str, TokenValueAndGrad] = {}
 
 
-def register(name: str) -> Callable[[TokenDivergence], TokenDivergence]:
-    """Register a per-token divergence under ``name`` so configs can choose it by string."""
+def register(name: str, *params: DivergenceParam) -> Callable[[TokenDivergence], TokenDivergence]:
+    """Register a per-token divergence under ``name``, with the parameters it takes, so configs choose it by string."""
 
     def decorator(fn: TokenDivergence) -> TokenDivergence:
         TOKEN_DIVERGENCES[name] = fn
+        DIVERGENCE_PARAMS[name] = params
         return fn
 
     return decorator
+
+
+def check_divergence_params(name: str, params: Mapping[str, float], field: str) -> None:
+    """One line naming ``field``'s key for a divergence that does not exist, or a parameter it does not take or
+    that lies out of its range (e.g. ``model.loss.kd_params.betta: unknown parameter of reverse_kl (it takes none)``).
+    """
+    get_token_divergence(name)
+    declared = {param.name: param for param in DIVERGENCE_PARAMS[name]}
+    for key, value in params.items():
+        if key not in declared:
+            takes = ", ".join(declared) or "none"
+            raise ValueError(f"{field}.{key}: unknown parameter of {name} (it takes {takes})")
+        param = declared[key]
+        if not param.low <= value <= param.high:
+            raise ValueError(
+                f"{field}.{key}={value}: out of range for {name}; use a value in [{param.low}, {param.high}]"
+            )
 
 
 def get_token_divergence(name: str) -> TokenDivergence:
@@ -138,7 +172,7 @@ def token_jeffreys(student_logits: Tensor, teacher_logits: Tensor, *, temperatur
     return kl_from_log_probs(logp_t, logp_s) + kl_from_log_probs(logp_s, logp_t)
 
 
-@register("jsd")
+@register("jsd", DivergenceParam("beta", 0.5, 0.0, 1.0, "the teacher's weight in the mixture"))
 def token_jsd(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, beta: float = 0.5
 ) -> Tensor:
@@ -156,7 +190,7 @@ def token_jsd(
     return beta * kl_from_log_probs(logp_t, log_m) + (1 - beta) * kl_from_log_probs(logp_s, log_m)
 
 
-@register("skew_forward_kl")
+@register("skew_forward_kl", DivergenceParam("alpha", 0.1, 0.0, 1.0, "the teacher's weight in the mixture"))
 def token_skew_forward_kl(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, alpha: float = 0.1
 ) -> Tensor:
@@ -170,7 +204,7 @@ def token_skew_forward_kl(
     return kl_from_log_probs(logp_t, log_mixture(logp_t, logp_s, alpha))
 
 
-@register("skew_reverse_kl")
+@register("skew_reverse_kl", DivergenceParam("alpha", 0.1, 0.0, 1.0, "the student's weight in the mixture"))
 def token_skew_reverse_kl(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, alpha: float = 0.1
 ) -> Tensor:
@@ -184,7 +218,7 @@ def token_skew_reverse_kl(
     return kl_from_log_probs(logp_s, log_mixture(logp_s, logp_t, alpha))
 
 
-@register("akl")
+@register("akl", DivergenceParam("mu", 0.5, 0.0, 1.0, "teacher probability mass of the head"))
 def token_akl(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, mu: float = 0.5
 ) -> Tensor:

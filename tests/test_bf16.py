@@ -21,8 +21,7 @@ from torch import nn
 
 from distillens.cli import run_cli
 from distillens.lens import LogitLens, lens_loss, naive_lens_loss
-from distillens.models import ModelSpec
-from distillens.module import DistillationModule, LayerPairs, LossConfig
+from distillens.objective import LayerPairs, LossConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "instructions"
@@ -57,21 +56,11 @@ def test_bf16_parameter_gradients_are_summed_over_chunks_in_fp32():
     assert error[1] < 1.5 * error[512] + 1e-3, error
 
 
-def llama(layers: int, hidden: int) -> ModelSpec:
-    config = dict(
-        model_type="llama", vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    )  # fmt: skip
-    return ModelSpec(config=config, tokenizer="unused")
-
-
-def test_autocast_objective_is_fp32_and_within_bf16_rounding_of_fp32(monkeypatch):
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
-    module = DistillationModule(
-        student=llama(2, 64), teacher=llama(4, 96), loss=LossConfig(ce_weight=0.5, chunk_size=7),
+def test_autocast_objective_is_fp32_and_within_bf16_rounding_of_fp32(tiny_module):
+    module = tiny_module(
+        student=(2, 64), teacher=(4, 96), loss=LossConfig(ce_weight=0.5, chunk_size=7),
         layers=LayerPairs(student=[1, 2], teacher=[2, 4]),
     )  # fmt: skip
-    module.configure_model()
     module.train()
     input_ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
     labels = input_ids.clone()
@@ -82,7 +71,7 @@ def test_autocast_objective_is_fp32_and_within_bf16_rounding_of_fp32(monkeypatch
         module.zero_grad(set_to_none=True)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             terms = module(batch)
-            total = module.weighted_sum(terms)
+            total = terms.total()
         total.backward()
         return terms, [p.grad.clone() for p in module.student.parameters()]
 
@@ -131,6 +120,7 @@ def test_initial_validation_runs_in_the_trainers_precision(precision, autocast, 
     from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
     from distillens.callbacks import InitialValidation
+    from distillens.objective import Terms
 
     seen = []
 
@@ -139,10 +129,9 @@ def test_initial_validation_runs_in_the_trainers_precision(precision, autocast, 
 
         def forward(self, batch):
             seen.append(torch.is_autocast_enabled("cpu"))
-            return {"tokens": torch.tensor(2.0), "kd": torch.tensor(1.0)}
-
-        def weighted_sum(self, terms):
-            return terms["kd"]
+            return Terms(
+                tokens=torch.tensor(2.0), sums={"kd": torch.tensor(1.0)}, pair_means={}, weights={"kd": 1}
+            )
 
         def transfer_batch_to_device(self, batch, device, index):
             return batch

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from distillens.callbacks import SequencesPerStep, accumulation_for
 from distillens.cli import run_cli
-from distillens.module import LayerPairs, evenly_spaced
+from distillens.objective import LayerPairs, evenly_spaced
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"

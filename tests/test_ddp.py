@@ -45,7 +45,8 @@ from transformers import AutoModelForCausalLM
 
 from distillens.data import EpochShuffleSampler, ResumableDataLoader
 from distillens.models import ModelSpec
-from distillens.module import DistillationModule, LayerPairs, LossConfig
+from distillens.module import DistillationModule
+from distillens.objective import LayerPairs, LossConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "instructions"
@@ -312,7 +313,7 @@ def token_mean_gradients(module: DistillationModule, batches: list[dict], weight
     module.student.zero_grad()
     joined = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}  # (sum B, T)
     terms = module(joined)
-    (module.weighted_sum(terms) / terms["tokens"]).backward()
+    (terms.total() / terms["tokens"]).backward()
     return {name: p.grad.clone() for name, p in module.student.named_parameters()}
 
 

@@ -18,7 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillens.data import InstructionDataModule
 from distillens.evaluation import generate, protocol_line, results_markdown
-from distillens.module import GenerationSettings, OptimizerConfig, warmup_cosine
+from distillens.evaluation import GenerationSettings
+from distillens.optimization import OptimizerConfig, warmup_cosine
 
 LONG = "word " * 40  # 40 GPT-2 tokens ("word" then " word" x 39) plus the template's
 

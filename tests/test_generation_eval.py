@@ -251,7 +251,7 @@ def _validation_split(config: Path):
 
 
 def test_generation_settings_reject_bad_values():
-    from distillens.module import GenerationSettings
+    from distillens.evaluation import GenerationSettings
 
     with pytest.raises(ValueError, match="every_n_val=-1"):
         GenerationSettings(every_n_val=-1)

@@ -25,7 +25,7 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def reference(name: str, s: torch.Tensor, t: torch.Tensor, **params) -> torch.Tensor:
-    """Per-token divergence from the definitions in the README's divergence table, written independently of losses.py."""
+    """Per-token divergence from the definitions in docs/method.md's divergence table, written independently of losses.py."""
     temperature = params.pop("temperature", 1.0)
     ps, pt = probs(s, temperature), probs(t, temperature)
     if name == "forward_kl":

@@ -8,44 +8,34 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import llama_spec
 from reference import Objective, objective_sums, supervised_batch, weighted
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distillens import losses
 from distillens.models import ModelSpec
-from distillens.module import (
-    DistillationModule,
-    LayerPairs,
-    LossConfig,
-    OptimizerConfig,
-    evenly_spaced,
-    warmup_cosine,
-)
+from distillens.module import DistillationModule
+from distillens.objective import LayerPairs, LossConfig, evenly_spaced
+from distillens.optimization import OptimizerConfig, warmup_cosine
 
 VOCAB = 101
 
 
 def llama(layers: int, hidden: int) -> ModelSpec:
-    config = dict(
-        model_type="llama", vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    )  # fmt: skip
-    return ModelSpec(config=config, tokenizer="unused")
+    return llama_spec(layers, hidden, VOCAB)
 
 
 @pytest.fixture
-def module(monkeypatch) -> DistillationModule:
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)  # no tokenizer needed here
-    module = DistillationModule(
-        student=llama(2, 32),
-        teacher=llama(4, 48),
+def module(tiny_module) -> DistillationModule:
+    return tiny_module(
+        student=(2, 32),
+        teacher=(4, 48),
+        vocab=VOCAB,
         loss=LossConfig(
             ce_weight=0.3, kd_weight=0.5, lens_weight=0.7, kd_divergence="forward_kl", chunk_size=5
         ),
         layers=LayerPairs(student=[1, 2], teacher=[2, 3]),
     )
-    module.configure_model()
-    return module
 
 
 @pytest.fixture
@@ -100,13 +90,13 @@ def test_objective_terms_equal_an_independent_computation(module, batch):
     assert int(got["tokens"]) == int(expected["tokens"]) == 7
     for name in ("ce", "kd", "lens"):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
-    total = module.weighted_sum(got)
+    total = got.total()
     torch.testing.assert_close(total, 0.3 * expected["ce"] + 0.5 * expected["kd"] + 0.7 * expected["lens"])
 
 
 def test_objective_gradients_equal_an_independent_computation(module, batch):
     module.train()
-    module.weighted_sum(module(batch)).backward()
+    module(batch).total().backward()
     got = {name: p.grad.clone() for name, p in module.student.named_parameters()}
     module.student.zero_grad()
     terms = independent_terms(module, batch)
@@ -306,7 +296,7 @@ def test_objective_settings_equal_an_independent_computation(case, tiny_module):
     assert int(got["tokens"]) == int(expected["tokens"]) == 8 + 3 + 6
     for name in ("ce", "kd", "lens"):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
-    torch.testing.assert_close(module.weighted_sum(got), weighted(expected, objective), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.total(), weighted(expected, objective), rtol=1e-4, atol=1e-6)
 
 
 def test_default_objective_is_the_papers():

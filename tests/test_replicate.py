@@ -183,7 +183,7 @@ def test_unknown_preset_is_one_line():
 
 def test_sft_with_a_teacher_never_runs_the_teacher_in_training(tiny_module):
     """The SFT row keeps the teacher for initialisation and validation only: no teacher forward while training."""
-    from distillens.module import LossConfig
+    from distillens.objective import LossConfig
 
     module = tiny_module(loss=LossConfig(ce_weight=1.0, kd_weight=0.0, lens_weight=0.0))
     calls = []

@@ -17,37 +17,28 @@ from unittest import mock
 
 import pytest
 import torch
-import yaml
+from helpers import build_tiny_module, checkpoint_every_step, tiny_fit_config, write_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distillens.cli import run_cli
-from distillens.models import ModelSpec
-from distillens.module import DistillationModule, LayerPairs, LossConfig
+from distillens.module import DistillationModule
+from distillens.objective import LayerPairs, LossConfig
 from distillens.sampling import LensDraw, draw_lens_subset, draw_seed
 
 VOCAB = 101
-REPO = Path(__file__).resolve().parents[1]
-
-
-def llama(layers: int, hidden: int) -> ModelSpec:
-    config = dict(
-        model_type="llama", vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    )  # fmt: skip
-    return ModelSpec(config=config, tokenizer="unused")
 
 
 def build(monkeypatch, **loss) -> DistillationModule:
     """Three layer pairs on tiny random models; the same weights for every call (seeded)."""
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
     torch.manual_seed(0)
-    module = DistillationModule(
-        student=llama(3, 32),
-        teacher=llama(4, 48),
+    module = build_tiny_module(
+        monkeypatch,
+        student=(3, 32),
+        teacher=(4, 48),
+        vocab=VOCAB,
         loss=LossConfig(kd_weight=0.5, lens_weight=1.0, chunk_size=4, **loss),
         layers=LayerPairs(student=[1, 2, 3], teacher=[2, 3, 4]),
     )
-    module.configure_model()
     return module.train()
 
 
@@ -64,7 +55,7 @@ def lens_and_gradient(module: DistillationModule, batch) -> tuple[torch.Tensor, 
     """The lens term's token sum and the gradient of the whole objective, flattened over the student's parameters."""
     module.zero_grad(set_to_none=False)
     terms = module(batch)
-    module.weighted_sum(terms).backward()
+    terms.total().backward()
     gradient = torch.cat([p.grad.flatten() for p in module.student.parameters()])
     return terms["lens"].detach(), gradient.clone()
 
@@ -145,7 +136,7 @@ def test_mean_over_every_possible_draw_is_the_exact_term_and_gradient(monkeypatc
         subset = torch.zeros(mask.numel(), dtype=torch.bool)
         subset[list(kept)] = True
         draw = LensDraw(pairs=[pair], mask=subset.reshape(mask.shape), token_scale=5 / 3)
-        monkeypatch.setattr(module, "_lens_draw", lambda _mask, draw=draw: draw)
+        monkeypatch.setattr(module.objective, "_lens_draw", lambda _mask, _training, _seed, draw=draw: draw)
         lens, gradient = lens_and_gradient(module, batch)
         total_lens, total_grad, draws = total_lens + float(lens), total_grad + gradient.double(), draws + 1
     assert draws == 3 * 10
@@ -208,31 +199,11 @@ def tiny_config(folder: Path, cache_dir: Path, steps: int) -> Path:
 
     The tiny data has five batches per epoch: from step 2 to 5 the run also crosses an epoch boundary.
     """
-    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    trainer = config["trainer"]
-    trainer.update(max_steps=steps, enable_progress_bar=False, limit_val_batches=0)
-    trainer["logger"]["init_args"]["save_dir"] = str(folder)
-    trainer["callbacks"] = [
-        {
-            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {
-                "every_n_train_steps": 1,
-                "save_top_k": -1,
-                "filename": "step{step}",
-                "auto_insert_metric_name": False,
-            },
-        }
-    ]
+    config = tiny_fit_config(folder, cache_dir, max_steps=steps, limit_val_batches=0)
+    config["trainer"]["callbacks"] = [checkpoint_every_step()]
     config["model"]["layers"] = {"student": [1, 2], "teacher": [2, 4]}
     config["model"]["loss"] = {"lens_pairs_per_step": 1, "lens_token_fraction": 0.5}
-    data = REPO / "data" / "instructions"
-    config["data"].update(
-        train=str(data / "train.jsonl"), validation=str(data / "validation.jsonl"), cache_dir=str(cache_dir)
-    )
-    config["data"].pop("test", None)
-    path = folder / "sampled.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_config(config, folder / "sampled.yaml")
 
 
 def logged(run: Path) -> dict[str, dict[int, float]]:

@@ -25,7 +25,9 @@ from reference import (
 )
 from torch.utils.data import DataLoader
 
-from distillens.module import DistillationModule, LayerPairs, LossConfig, OptimizerConfig
+from distillens.module import DistillationModule
+from distillens.objective import LayerPairs, LossConfig
+from distillens.optimization import OptimizerConfig
 
 STEPS, ACCUMULATE = 3, 2
 CLIP = 0.8  # between the steps' gradient norms: clipping acts on some steps and not on others
