@@ -113,8 +113,9 @@ class DistillationModule(L.LightningModule):
             object.__setattr__(self, "teacher", teacher)
             check_same_vocabulary(self.student, teacher)
         self.objective = Objective(
-            self.loss_config, self.layer_pairs, self.student, teacher, self.projections
-        )
+            self.loss_config, self.layer_pairs, self.student, teacher, self.projections,
+            copied_from=self.student_spec.init_from_teacher_layers,
+        )  # fmt: skip
         self._apply_strategy()
 
     def configure_callbacks(self) -> list[L.Callback]:

@@ -103,7 +103,10 @@ class LayerPairs:
     """Which student layer is aligned with which teacher layer (hidden-state indices, 0 = embeddings).
 
     Give both lists to reproduce the paper exactly, or leave them empty for ``count`` evenly spaced pairs
-    (index round(j * L / (count + 1)) for j = 1..count on each side).
+    (index round(j * L / (count + 1)) for j = 1..count on each side). When the student is a copy of some of the
+    teacher's blocks (``model.student.init_from_teacher_layers``), the ``count`` student indices are paired instead
+    with the teacher hidden states their blocks were copied from: student block b, a copy of teacher block c, is
+    hidden state b + 1 on one side and c + 1 on the other.
     """
 
     student: list[int] = field(default_factory=list)
@@ -113,12 +116,22 @@ class LayerPairs:
     count: int = 5
     """Number of evenly spaced pairs when the lists are empty."""
 
-    def resolve(self, student_depth: int, teacher_depth: int) -> tuple[list[int], list[int]]:
-        """Explicit or evenly spaced pairs, checked against both depths."""
+    def resolve(
+        self, student_depth: int, teacher_depth: int, copied_from: list[int] | None = None
+    ) -> tuple[list[int], list[int]]:
+        """Explicit or automatic pairs, checked against both depths.
+
+        ``copied_from``: the teacher block each student block was copied from, when the student is a layer subset.
+        """
         student, teacher = list(self.student), list(self.teacher)
         if not student and not teacher:
             student = evenly_spaced(student_depth, self.count)
-            teacher = evenly_spaced(teacher_depth, self.count)
+            if copied_from is not None and len(copied_from) == student_depth:
+                teacher = [
+                    copied_from[i - 1] + 1 if i > 0 else 0 for i in student
+                ]  # hidden index = block + 1
+            else:
+                teacher = evenly_spaced(teacher_depth, self.count)
         if len(student) != len(teacher):
             raise ValueError(
                 f"layer pairs: {len(student)} student layers {student} but {len(teacher)} teacher layers {teacher}"
@@ -219,6 +232,8 @@ class Objective:
         student: the trained causal LM.
         teacher: the frozen causal LM, or None.
         projections: the MSE baseline's teacher -> student projections, one per pair; filled here when empty.
+        copied_from: the teacher block each student block was copied from (a layer-subset student), for
+            automatic layer pairs.
     """
 
     def __init__(
@@ -228,6 +243,7 @@ class Objective:
         student: nn.Module,
         teacher: nn.Module | None = None,
         projections: nn.ModuleList | None = None,
+        copied_from: list[int] | None = None,
     ) -> None:
         self.config, self.student, self.teacher = config, student, teacher
         self.projections = projections if projections is not None else nn.ModuleList()
@@ -241,7 +257,7 @@ class Objective:
         self.teacher_head = LogitLens(teacher)
         if config.lens_weight or config.mse_weight:
             self.student_layers, self.teacher_layers = pairs.resolve(
-                self.student_lens.num_layers, self.teacher_lens.num_layers
+                self.student_lens.num_layers, self.teacher_lens.num_layers, copied_from
             )
         if config.mse_weight and not len(self.projections):
             d_s, d_t = student.config.hidden_size, teacher.config.hidden_size

@@ -8,10 +8,13 @@ from unittest import mock
 
 import pytest
 import torch
+from reference import tiny_llama
 
 from distillens import losses
 from distillens.cli import main
-from distillens.objective import LossConfig, Terms, token_means
+from distillens.models import ModelSpec
+from distillens.module import DistillationModule
+from distillens.objective import LayerPairs, LossConfig, Terms, token_means
 
 
 def test_every_declared_parameter_is_a_keyword_of_its_divergence_with_the_same_default():
@@ -115,3 +118,27 @@ def test_token_sums_added_over_batches_give_the_token_means_of_the_whole_set():
     assert means["lens/s1_t2"] == pytest.approx((0.5 * 4 + 1.0 * 1) / 5)
     assert means["ce"] == pytest.approx(16 / 5) and means["loss"] == pytest.approx(16 / 5)
     assert token_means({"tokens": 0, "ce": 0.0}) == {"ce": 0.0}  # an empty set: no division by zero
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Automatic layer pairs
+
+
+def test_automatic_pairs_of_a_layer_subset_student_follow_the_copied_blocks():
+    """Student blocks 0, 1, 2 are copies of teacher blocks 0, 15, 29: student hidden state 1 (after block 0) pairs
+    with teacher hidden state 1, hidden state 2 (after a copy of block 15) with teacher hidden state 16."""
+    assert LayerPairs(count=2).resolve(3, 30, copied_from=[0, 15, 29]) == ([1, 2], [1, 16])
+    assert LayerPairs(count=3).resolve(3, 30, copied_from=[0, 15, 29]) == ([1, 2, 2], [1, 16, 16])
+    assert LayerPairs(count=2).resolve(3, 30) == ([1, 2], [10, 20])  # a student not copied from the teacher
+    explicit = LayerPairs(student=[1], teacher=[5])
+    assert explicit.resolve(3, 30, copied_from=[0, 15, 29]) == ([1], [5])  # explicit lists always win
+
+
+def test_the_module_pairs_a_layer_subset_student_with_its_source_blocks(monkeypatch):
+    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    teacher = tiny_llama(6, 48, 101)
+    module = DistillationModule(
+        student=ModelSpec(init_from_teacher_layers=[0, 4, 5]), teacher=teacher, layers=LayerPairs(count=2)
+    )
+    module.configure_model()
+    assert (module.objective.student_layers, module.objective.teacher_layers) == ([1, 2], [1, 5])
