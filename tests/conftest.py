@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import tarfile
 from pathlib import Path
@@ -71,17 +72,7 @@ def _seed():
 @pytest.fixture
 def tiny_module(monkeypatch):
     """Factory of a built DistillationModule (or subclass) on tiny random Llamas: a 2-block student of width 32
-    and a 4-block teacher of width 48 unless told otherwise; no tokenizer is loaded."""
-    from reference import tiny_llama
+    and a 4-block teacher of width 48 unless told otherwise; no tokenizer is loaded (helpers.build_tiny_module)."""
+    from helpers import build_tiny_module
 
-    from distillens.module import DistillationModule
-
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
-
-    def build(cls=DistillationModule, *, student=(2, 32), teacher=(4, 48), vocab=101, **kwargs):
-        teacher_spec = tiny_llama(*teacher, vocab) if teacher is not None else None
-        module = cls(student=tiny_llama(*student, vocab), teacher=teacher_spec, **kwargs)
-        module.configure_model()
-        return module
-
-    return build
+    return functools.partial(build_tiny_module, monkeypatch)

@@ -20,7 +20,7 @@ from unittest import mock
 
 import pytest
 import torch
-import yaml
+from helpers import checkpoint_every_step, tiny_fit_config, write_config
 from reference import (
     Objective,
     checkpoint_student,
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "instructions"
 DISTILLENS = Path(sys.executable).with_name("distillens")
 MAX_STEPS = 8  # the tiny data makes 5 batches per epoch: the run crosses an epoch boundary
-CURVES = ("train/loss", "lr-AdamW/pg1")  # LearningRateMonitor names the rate of each parameter group
+CURVES = ("train/loss", "lr-AdamW/decay")  # LearningRateMonitor names each parameter group by its "name"
 KILL_AFTER_STEP = 3
 REPLAYED_STEPS = 3  # steps of the uninterrupted run recomputed independently
 
@@ -46,31 +46,13 @@ REPLAYED_STEPS = 3  # steps of the uninterrupted run recomputed independently
 def resume_config(folder: Path, cache_dir: Path, probe: Path | None = None) -> Path:
     """configs/tiny.yaml for MAX_STEPS steps, checkpointing (and keeping) every step, outputs under folder;
     ``probe``: record the run's initial weights and batches there (tests/probes.py)."""
-    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config = tiny_fit_config(folder, cache_dir, max_steps=MAX_STEPS)
     trainer = config["trainer"]
-    trainer.update(max_steps=MAX_STEPS, enable_progress_bar=False)
-    trainer["logger"]["init_args"]["save_dir"] = str(folder)
-    checkpoint = {
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {
-            "every_n_train_steps": 1,
-            "save_top_k": -1,
-            "save_last": True,
-            "filename": "step{step}",
-            "auto_insert_metric_name": False,
-        },
-    }
     kept = [c for c in trainer["callbacks"] if c["class_path"].endswith("LearningRateMonitor")]
-    trainer["callbacks"] = [checkpoint, *kept]
+    trainer["callbacks"] = [checkpoint_every_step(save_last=True), *kept]
     if probe is not None:
         trainer["callbacks"].append({"class_path": "probes.RecordRun", "init_args": {"folder": str(probe)}})
-    config["data"].update(
-        train=str(DATA / "train.jsonl"), validation=str(DATA / "validation.jsonl"), cache_dir=str(cache_dir)
-    )
-    config["data"].pop("test", None)
-    path = folder / "resume.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_config(config, folder / "resume.yaml")
 
 
 def fit(config: Path, *extra: str):

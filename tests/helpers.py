@@ -1,0 +1,64 @@
+"""Builders the test modules share: tiny random models and modules, and configs/tiny.yaml run configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from reference import tiny_llama
+
+from distillens.models import ModelSpec
+from distillens.module import DistillationModule
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "instructions"
+
+
+def llama_spec(layers: int, hidden: int, vocab: int = 101) -> ModelSpec:
+    """The ModelSpec of a random tiny Llama built from a config (reference.tiny_llama); no tokenizer to load."""
+    return ModelSpec(**tiny_llama(layers, hidden, vocab))
+
+
+def build_tiny_module(
+    monkeypatch, cls=DistillationModule, *, student=(2, 32), teacher=(4, 48), vocab=101, **kwargs
+) -> DistillationModule:
+    """A built DistillationModule (or subclass) on tiny random Llamas: ``student`` and ``teacher`` are
+    (blocks, width), ``teacher=None`` for none; no tokenizer is loaded (``monkeypatch`` stubs the loader)."""
+    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    teacher_spec = tiny_llama(*teacher, vocab) if teacher is not None else None
+    module = cls(student=tiny_llama(*student, vocab), teacher=teacher_spec, **kwargs)
+    module.configure_model()
+    return module
+
+
+def tiny_fit_config(folder: Path, cache_dir: Path, **trainer) -> dict:
+    """configs/tiny.yaml on the bundled train and validation files (no test set), tokenised into ``cache_dir``,
+    logging under ``folder``, without progress bar, with the ``trainer`` settings given."""
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config["trainer"].update(enable_progress_bar=False, **trainer)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(folder)
+    config["data"].update(
+        train=str(DATA / "train.jsonl"), validation=str(DATA / "validation.jsonl"), cache_dir=str(cache_dir)
+    )
+    config["data"].pop("test", None)
+    return config
+
+
+def checkpoint_every_step(*, save_last: bool = False) -> dict:
+    """A ModelCheckpoint (config form) keeping a checkpoint of every training step, ``step<N>.ckpt``, and
+    ``last.ckpt`` too with ``save_last``."""
+    init_args = {
+        "every_n_train_steps": 1,
+        "save_top_k": -1,
+        "filename": "step{step}",
+        "auto_insert_metric_name": False,
+    }
+    if save_last:
+        init_args["save_last"] = True
+    return {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": init_args}
+
+
+def write_config(config: dict, path: Path) -> Path:
+    """``config`` written as YAML to ``path``, for ``--config``."""
+    path.write_text(yaml.safe_dump(config))
+    return path
