@@ -79,6 +79,15 @@ def spawn(script: str, variant: str, argv: list[str], timeout: float | None = No
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def ran_as_child(args: argparse.Namespace, run_one: Callable[[argparse.Namespace], dict]) -> bool:
+    """In a process that ``spawn`` started (``args.run_one`` names its variant): run it and print its row as the
+    last line of stdout, which ``spawn`` reads. False in the driver process, which does nothing here."""
+    if not args.run_one:
+        return False
+    print(json.dumps(run_one(args)))
+    return True
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Models, batches and steps
 

@@ -11,7 +11,6 @@ measured from just before the forward to the end of the backward. The workload i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -138,8 +137,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.run_one:
-        print(json.dumps(run_one(args)))
+    if harness.ran_as_child(args, run_one):
         return
     variants = [v for v in args.variants if v != "liger" or liger_available()]
     print(

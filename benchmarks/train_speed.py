@@ -127,7 +127,8 @@ def build_module(workload: Workload, device: str, folder: Path, chunk_size: int)
 def step(module, optimizer, batch, objective: str, bf16: bool) -> float:
     """One training step of a variant: forward (teacher, student, objective), backward, AdamW."""
     config = dataclasses.replace(module.base_loss, **OBJECTIVES[objective])
-    module.loss_config = module.objective.config = config  # the objective reads its own reference to the config
+    # the objective holds its own reference to the config: both switch to the variant's
+    module.loss_config = module.objective.config = config
     autocast = lambda: torch.autocast(module.device.type, torch.bfloat16, enabled=bf16)  # noqa: E731
     loss = harness.train_step(module, optimizer, batch, autocast)
     module._window_batches = 0  # as on_before_optimizer_step does: the next step draws afresh

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
 import time
@@ -202,8 +201,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.run_one:
-        print(json.dumps(run_one(args)))
+    if harness.ran_as_child(args, run_one):
         return
     workload = WORKLOADS["cuda" if args.device.startswith("cuda") else "cpu"]
     print(
