@@ -50,9 +50,9 @@ def adamw_with_schedule(
     for name, param in named_parameters:
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+    groups = [  # named: LearningRateMonitor logs lr-AdamW/decay and lr-AdamW/no_decay
+        {"params": decay, "weight_decay": config.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
     warmup = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)

@@ -276,6 +276,7 @@ def test_gpu_setup_follows_the_run_conventions(name: str) -> None:
         "name": Path(name).stem,
         "version": "",
     }
+    assert logger["init_args"]["default_hp_metric"] is False  # no placeholder hp_metric = -1 chart
     callbacks = {callback["class_path"]: callback.get("init_args", {}) for callback in trainer["callbacks"]}
     assert callbacks.keys() >= RUN_CALLBACKS
     assert callbacks["lightning.pytorch.callbacks.ModelCheckpoint"]["save_last"] is True
