@@ -121,10 +121,12 @@ def build_module(student: dict, teacher: dict, loss: dict, workload: Workload, d
 
 def make_batch(rows: int, tokens: int, vocab: int, supervised: float, device: str) -> dict[str, torch.Tensor]:
     """Random tokens; each row's prompt (the first 1 - supervised of it) is masked out of the labels."""
+    from distillens.losses import IGNORE_INDEX
+
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (rows, tokens), generator=generator)  # (B, T)
     labels = input_ids.clone()  # (B, T)
-    labels[:, : int(tokens * (1 - supervised))] = -100
+    labels[:, : int(tokens * (1 - supervised))] = IGNORE_INDEX
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
     return {name: tensor.to(device) for name, tensor in batch.items()}
 

@@ -21,6 +21,7 @@ from harness import peak_rss
 from torch import nn
 
 from distillens.lens import LogitLens, lens_loss, naive_lens_loss
+from distillens.losses import IGNORE_INDEX
 
 VARIANTS = ("naive", "chunked", "liger")
 
@@ -75,7 +76,7 @@ def liger_loss(s_hidden, t_hidden, student, teacher, mask):
     """Liger-Kernel's fused linear JSD over the same rows (the norms applied first, as it only fuses the head)."""
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-    labels = torch.where(mask, 0, -100).reshape(-1).repeat(len(s_hidden))  # (k*B*T,) -100 = unsupervised
+    labels = torch.where(mask, 0, IGNORE_INDEX).reshape(-1).repeat(len(s_hidden))  # (k*B*T,)
     s_in = student.norm(torch.cat([h.reshape(-1, h.shape[-1]) for h in s_hidden]))  # (k*B*T, d_s)
     t_in = teacher.norm(torch.cat([h.reshape(-1, h.shape[-1]) for h in t_hidden]))  # (k*B*T, d_t)
     fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=False)

@@ -91,57 +91,44 @@ class Step:
         self.state: dict = {}
 
     def teacher_forward(self) -> None:
-        module, inputs = self.module, self.inputs()
+        objective, inputs = self.module.objective, self.inputs()
         with torch.no_grad(), autocast_for(self.precision):
-            layers = module.teacher_layers + [module.teacher_lens.num_layers]
-            with module.teacher_lens.capture(layers) as hidden:
-                module.teacher(**inputs, use_cache=False, logits_to_keep=1)
-        self.state["t_hidden"] = hidden
+            layers = objective.teacher_layers + [objective.teacher_lens.num_layers]
+            with objective.teacher_lens.capture(layers) as hidden:
+                self.module.teacher(**inputs, use_cache=False, logits_to_keep=1)
+        self.state["t_hidden"] = {
+            j: h[:, :-1] for j, h in hidden.items()
+        }  # (B, T-1, d_t) aligned with the mask
 
     def student_forward(self) -> None:
-        module, inputs = self.module, self.inputs()
-        need_logits = bool(module.loss_config.ce_weight)
+        objective, inputs = self.module.objective, self.inputs()
+        need_logits = bool(self.module.loss_config.ce_weight)
         with autocast_for(self.precision):
-            layers = module.student_layers + [module.student_lens.num_layers]
-            with module.student_lens.capture(layers) as hidden:
-                out = module.student(**inputs, use_cache=False, logits_to_keep=0 if need_logits else 1)
-        self.state["s_hidden"], self.state["logits"] = hidden, out.logits
+            layers = objective.student_layers + [objective.student_lens.num_layers]
+            with objective.student_lens.capture(layers) as hidden:
+                out = self.module.student(**inputs, use_cache=False, logits_to_keep=0 if need_logits else 1)
+        self.state["s_hidden"] = {i: h[:, :-1] for i, h in hidden.items()}  # (B, T-1, d_s)
+        self.state["logits"] = out.logits
 
     def term(self, name: str, pairs: list[int] | None = None) -> torch.Tensor:
-        """The token sum of one term, as module._distillation_terms computes it (``pairs``: those pairs only)."""
-        from distillens.lens import lens_loss
-        from distillens.losses import masked_mse
-        from distillens.module import LENS_IMPLEMENTATIONS, _cross_entropy_sum, _float32_default_dtype
+        """The token sum of one term, by the objective's own routines (``pairs``: those lens pairs only)."""
+        from distillens.objective import cross_entropy_sum, float32_default_dtype
+        from distillens.sampling import LensDraw
 
-        module, config, mask = self.module, self.module.loss_config, self.mask()
+        objective, mask = self.module.objective, self.mask()
         s_hidden, t_hidden = self.state["s_hidden"], self.state["t_hidden"]
-        shift = lambda h: h[:, :-1]  # noqa: E731
-        chunked = dict(chunk_size=config.chunk_size, reduction="sum", temperature=config.temperature)
-        with autocast_for(self.precision), _float32_default_dtype():
+        with autocast_for(self.precision), float32_default_dtype():
             if name == "ce":
-                return _cross_entropy_sum(self.state["logits"][:, :-1], self.batch["labels"][:, 1:])
+                return cross_entropy_sum(self.state["logits"][:, :-1], self.batch["labels"][:, 1:])
             if name == "kd":
-                s, t = module.student_lens.num_layers, module.teacher_lens.num_layers
-                return lens_loss(
-                    [shift(s_hidden[s])], [shift(t_hidden[t])], module.student_final, module.teacher_final, mask,
-                    config.kd_divergence, **chunked, **config.kd_params,
-                )[0]  # fmt: skip
+                s, t = objective.student_lens.num_layers, objective.teacher_lens.num_layers
+                return objective.final_layer_sum(s_hidden[s], t_hidden[t], mask)
             if name == "mse":
-                pairs_ = zip(module.projections, module.student_layers, module.teacher_layers, strict=True)
-                return sum(
-                    masked_mse(proj(shift(t_hidden[j])), shift(s_hidden[i]), mask) * mask.sum()
-                    for proj, i, j in pairs_
-                ) / len(module.projections)
-            draw = module._lens_draw(mask)
+                return objective.mse_sum(s_hidden, t_hidden, mask)
+            draw = objective.lens_draw(mask, True, 0)  # training's draw (the sampled lens, when configured)
             if pairs is not None:
-                draw = type(draw)(pairs=pairs, mask=mask, token_scale=1.0)
-            loss, _ = LENS_IMPLEMENTATIONS[config.lens_impl](
-                [shift(s_hidden[module.student_layers[p]]) for p in draw.pairs],
-                [shift(t_hidden[module.teacher_layers[p]]) for p in draw.pairs],
-                module.student_lens, module.teacher_lens, draw.mask, config.lens_divergence, **chunked,
-                **config.lens_params,
-            )  # fmt: skip
-            return loss * draw.token_scale
+                draw = LensDraw(pairs=pairs, mask=mask, token_scale=1.0)
+            return objective.lens_sum(s_hidden, t_hidden, draw)[0]
 
     def backward(self) -> None:
         (self.state["objective"] / self.mask().sum().clamp_min(1)).backward()
@@ -154,30 +141,26 @@ class Step:
         return {k: self.batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in self.batch}
 
     def mask(self):
-        return self.batch["labels"][:, 1:] != -100  # (B, T-1)
+        from distillens.losses import IGNORE_INDEX
+
+        return self.batch["labels"][:, 1:] != IGNORE_INDEX  # (B, T-1)
 
 
 def active_terms(module) -> list[str]:
-    config = module.loss_config
-    weights = {
-        "ce": config.ce_weight,
-        "kd": config.kd_weight,
-        "lens": config.lens_weight,
-        "mse": config.mse_weight,
-    }
-    return [name for name, weight in weights.items() if weight and (name != "lens" or module.student_layers)]
+    weights = module.loss_config.weights
+    return [n for n, weight in weights.items() if weight and (n != "lens" or module.objective.student_layers)]
 
 
 def parts_of(step: Step, loader_iter) -> list[tuple[str, Callable[[], object], bool]]:
     """(name, call, counts toward the step) in execution order."""
     module, terms = step.module, active_terms(step.module)
-    weights = {"ce": "ce_weight", "kd": "kd_weight", "lens": "lens_weight", "mse": "mse_weight"}
+    weights = module.loss_config.weights
 
     def data() -> None:
         step.batch = next(loader_iter)
 
     def objective() -> None:  # the weighted sum of the terms timed just before (no work of its own)
-        step.state["objective"] = sum(getattr(module.loss_config, weights[n]) * step.state[n] for n in terms)
+        step.state["objective"] = sum(weights[n] * step.state[n] for n in terms)
 
     def timed_term(name: str):
         return lambda: step.state.__setitem__(name, step.term(name))
@@ -186,7 +169,8 @@ def parts_of(step: Step, loader_iter) -> list[tuple[str, Callable[[], object], b
     parts += [("student fwd", step.student_forward, True)]
     parts += [(name, timed_term(name), True) for name in terms]
     if "lens" in terms:
-        for p, (i, j) in enumerate(zip(module.student_layers, module.teacher_layers, strict=True)):
+        pairs = zip(module.objective.student_layers, module.objective.teacher_layers, strict=True)
+        for p, (i, j) in enumerate(pairs):
             parts.append((f"  lens s{i}_t{j}", lambda p=p: step.term("lens", pairs=[p]), False))
     parts += [("objective", objective, False), ("backward", step.backward, True)]
     parts += [("optimizer", step.optimizer_step, True)]

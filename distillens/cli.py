@@ -1,4 +1,4 @@
-"""`distillens fit|validate|test|predict --config ...` through LightningCLI, plus `distillens export` and
+"""`distillens fit|validate|test --config ...` through LightningCLI, plus `distillens export` and
 `distillens diagnose` (distillens/commands.py); bad input is one line on stderr (distillens/console.py)."""
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ class DistillensParser(LightningArgumentParser):
 
 class DistillensCLI(LightningCLI):
     """LightningCLI whose data module receives the models' tokenizer once both are built."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test. Not predict: the module has no prediction step (answers to prompts are what
+        ``distillens test`` generates, scores and saves), so the subcommand could only fail."""
+        return {name: kwargs for name, kwargs in LightningCLI.subcommands().items() if name != "predict"}
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -1,4 +1,4 @@
-"""`distillens export` and `distillens diagnose`, the commands beside LightningCLI's fit, validate, test, predict.
+"""`distillens export` and `distillens diagnose`, the commands beside LightningCLI's fit, validate and test.
 
 Each one's parser is built by jsonargparse from a function's signature and docstring, as LightningCLI builds its
 own from the classes: a default or a help text lives in the function alone. The spellings of the earlier argparse

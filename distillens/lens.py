@@ -198,22 +198,13 @@ def lens_loss(
     teacher_lens: LogitLens,
     mask: Tensor,
     divergence: str = "jsd",
-    chunk_size: int = 256,
-    reduction: str = "mean",
-    **params: float,
+    **options: float | int | str,
 ) -> tuple[Tensor, Tensor]:
     """The lens term: mean over layer pairs of the masked token mean (or sum) of the divergence between the two
-    models' logit-lens distributions. ``projected_divergence`` with the lenses; see it for the arguments."""
+    models' logit-lens distributions; ``projected_divergence`` with the lenses (``options``: its ``chunk_size``,
+    ``reduction`` and the divergence's parameters)."""
     return projected_divergence(
-        student_hidden,
-        teacher_hidden,
-        student_lens,
-        teacher_lens,
-        mask,
-        divergence,
-        chunk_size,
-        reduction,
-        **params,
+        student_hidden, teacher_hidden, student_lens, teacher_lens, mask, divergence, **options
     )
 
 

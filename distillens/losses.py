@@ -195,13 +195,8 @@ def token_skew_forward_kl(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, alpha: float = 0.1
 ) -> Tensor:
     """Skew KL (DistiLLM): KL(T || alpha*T + (1-alpha)*S); alpha = 0 is forward KL."""
-    _check_unit_interval("alpha", alpha)
     logp_s, logp_t = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
-    if alpha == 0.0:
-        return kl_from_log_probs(logp_t, logp_s)
-    if alpha == 1.0:
-        return (logp_s * 0).sum(-1)
-    return kl_from_log_probs(logp_t, log_mixture(logp_t, logp_s, alpha))
+    return _skew_kl(logp_t, logp_s, alpha, student=logp_s)
 
 
 @register("skew_reverse_kl", DivergenceParam("alpha", 0.1, 0.0, 1.0, "the student's weight in the mixture"))
@@ -209,13 +204,19 @@ def token_skew_reverse_kl(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, alpha: float = 0.1
 ) -> Tensor:
     """Skew reverse KL (DistiLLM): KL(S || alpha*S + (1-alpha)*T); alpha = 0 is reverse KL."""
-    _check_unit_interval("alpha", alpha)
     logp_s, logp_t = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    return _skew_kl(logp_s, logp_t, alpha, student=logp_s)
+
+
+def _skew_kl(logp: Tensor, logq: Tensor, alpha: float, *, student: Tensor) -> Tensor:
+    """KL(P || alpha P + (1-alpha) Q) per token, exact at both ends: KL(P || Q) at alpha 0, zeros (with the
+    ``student``'s gradient path) at alpha 1."""
+    _check_unit_interval("alpha", alpha)
     if alpha == 0.0:
-        return kl_from_log_probs(logp_s, logp_t)
+        return kl_from_log_probs(logp, logq)
     if alpha == 1.0:
-        return (logp_s * 0).sum(-1)
-    return kl_from_log_probs(logp_s, log_mixture(logp_s, logp_t, alpha))
+        return (student * 0).sum(-1)  # (...)
+    return kl_from_log_probs(logp, log_mixture(logp, logq, alpha))
 
 
 @register("akl", DivergenceParam("mu", 0.5, 0.0, 1.0, "teacher probability mass of the head"))

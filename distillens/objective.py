@@ -298,14 +298,14 @@ class Objective:
         # the lens reads full final norm + unembedding weights: gathered when sharded; divergences in fp32
         with gathered(self.student, self.teacher), float32_default_dtype():
             if self.config.kd_weight or not training:
-                terms.sums["kd"] = self._final_layer_sum(
+                terms.sums["kd"] = self.final_layer_sum(
                     s_hidden[student_depth], t_hidden[teacher_depth], mask
                 )
             if self.student_layers and (self.config.lens_weight or not training):
-                draw = self._lens_draw(mask, training, draw_seed)
-                self._add_lens(terms, s_hidden, t_hidden, draw)
+                draw = self.lens_draw(mask, training, draw_seed)
+                terms.sums["lens"], terms.pair_means = self.lens_sum(s_hidden, t_hidden, draw)
             if self.config.mse_weight:
-                terms.sums["mse"] = self._mse_sum(s_hidden, t_hidden, mask)
+                terms.sums["mse"] = self.mse_sum(s_hidden, t_hidden, mask)
         return terms
 
     def _capture_student(self, layers: list[int]) -> contextlib.AbstractContextManager[dict[int, Tensor]]:
@@ -314,8 +314,11 @@ class Objective:
             return contextlib.nullcontext({})
         return self.student_lens.capture(sorted(set(layers)))
 
-    def _final_layer_sum(self, student_last: Tensor, teacher_last: Tensor, mask: Tensor) -> Tensor:
-        """Token sum of the final-layer divergence between the two models' output distributions."""
+    def final_layer_sum(self, student_last: Tensor, teacher_last: Tensor, mask: Tensor) -> Tensor:
+        """Token sum of the final-layer divergence between the two models' output distributions.
+
+        ``student_last`` (B, T, d_s) and ``teacher_last`` (B, T, d_t): the last hidden states, aligned with ``mask``.
+        """
         config = self.config
         value, _ = projected_divergence(
             [student_last], [teacher_last], self.student_head, self.teacher_head, mask, config.kd_divergence,
@@ -323,7 +326,7 @@ class Objective:
         )  # fmt: skip
         return value
 
-    def _lens_draw(self, mask: Tensor, training: bool, seed: int) -> LensDraw:
+    def lens_draw(self, mask: Tensor, training: bool, seed: int) -> LensDraw:
         """This micro-batch's lens pairs and tokens: a seeded draw in training, every one of them otherwise."""
         pairs = len(self.student_layers)
         if not training or not self.samples_lens:
@@ -331,8 +334,11 @@ class Objective:
         config = self.config
         return draw_lens_subset(mask, pairs, config.lens_pairs_per_step, config.lens_token_fraction, seed)
 
-    def _add_lens(self, terms: Terms, s_hidden: dict, t_hidden: dict, draw: LensDraw) -> None:
-        """The lens term's token sum over the drawn pairs and tokens, and each pair's mean when all are drawn."""
+    def lens_sum(self, s_hidden: dict, t_hidden: dict, draw: LensDraw) -> tuple[Tensor, dict[str, Tensor]]:
+        """The lens term's token sum over the drawn pairs and tokens, and each pair's mean when all are drawn.
+
+        ``s_hidden`` / ``t_hidden``: hidden-state index -> (B, T, d), aligned with ``draw.mask``.
+        """
         config = self.config
         s_layers = [self.student_layers[p] for p in draw.pairs]
         t_layers = [self.teacher_layers[p] for p in draw.pairs]
@@ -341,14 +347,16 @@ class Objective:
             draw.mask, config.lens_divergence, chunk_size=config.chunk_size, reduction="sum",
             temperature=config.temperature, **config.lens_params,
         )  # fmt: skip
-        # an unbiased token sum: N / n times the sum over the n drawn tokens (x 1.0, exact, when all are kept)
-        terms.sums["lens"] = lens * draw.token_scale
         # per-pair values only when every pair is drawn: Lightning would re-log an undrawn pair's stale value
+        pair_means = {}
         if len(draw.pairs) == len(self.student_layers):
-            pairs = zip(s_layers, t_layers, per_pair, strict=True)
-            terms.pair_means.update({f"s{i}_t{j}": value for i, j, value in pairs})
+            pair_means = {
+                f"s{i}_t{j}": value for i, j, value in zip(s_layers, t_layers, per_pair, strict=True)
+            }
+        # an unbiased token sum: N / n times the sum over the n drawn tokens (x 1.0, exact, when all are kept)
+        return lens * draw.token_scale, pair_means
 
-    def _mse_sum(self, s_hidden: dict, t_hidden: dict, mask: Tensor) -> Tensor:
+    def mse_sum(self, s_hidden: dict, t_hidden: dict, mask: Tensor) -> Tensor:
         """Token sum of the MSE feature baseline, averaged over pairs."""
         pairs = zip(self.projections, self.student_layers, self.teacher_layers, strict=True)
         per_pair = [masked_mse(proj(t_hidden[j]), s_hidden[i], mask) * mask.sum() for proj, i, j in pairs]

@@ -24,17 +24,15 @@ import torch
 import yaml
 from reference import Objective, objective_sums, weighted
 from rouge_score import rouge_scorer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillens.cli import main, run_cli
 from distillens.console import error_line
-from distillens.module import (
-    DistillationModule,
-    GenerationSettings,
-    LayerPairs,
-    LossConfig,
-    OptimizerConfig,
-)
+from distillens.evaluation import GenerationSettings
+from distillens.module import DistillationModule
+from distillens.objective import LayerPairs, LossConfig
+from distillens.optimization import OptimizerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -126,6 +124,14 @@ def test_fit_trains_to_max_steps_and_logs_the_objectives_validation_means(fitted
 def test_fit_writes_the_run_folder(fitted):
     _, run = fitted
     assert list(run.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    tags = set()
+    for path in run.glob("events.out.tfevents.*"):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        tags |= set(events.Tags()["scalars"])
+    assert {"lr-AdamW/decay", "lr-AdamW/no_decay", "val/loss"} <= tags and "hp_metric" not in tags, sorted(
+        tags
+    )
     for name in ("config.yaml", "hparams.yaml", "checkpoints/last.ckpt"):
         assert (run / name).is_file(), f"{run / name} missing"
     assert (run / "student" / "model.safetensors").is_file()
@@ -308,7 +314,14 @@ def test_top_level_help_lists_the_subcommands(capsys):
     code, out, _ = run_in_process(["--help"], capsys)
     assert code == 0
     listed = listed_subcommands(out)
-    assert sorted(listed) == ["diagnose", "export", "fit", "predict", "test", "validate"], listed
+    assert sorted(listed) == ["diagnose", "export", "fit", "test", "validate"], listed
+
+
+def test_predict_is_not_offered(capsys):
+    """The module has no prediction step: `distillens test` answers, scores and saves; predict could only fail."""
+    code, _, err = run_in_process(["predict", "--config", str(REPO / "configs" / "tiny.yaml")], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "predict" in lines[0], err
 
 
 def test_top_level_help_lists_export_and_diagnose(capsys):
@@ -336,6 +349,15 @@ BAD_INPUTS = {
     # case: (overrides, text the error line must contain)
     "unknown loss name": (["--model.loss.kd_divergence", "kl_typo"], "kl_typo"),
     "unknown option": (["--model.loss.kd_wieght", "1"], "kd_wieght"),
+    "divergence parameter typo": (
+        ["--model.loss.kd_params", "{{betta: 0.3}}"],  # braces doubled: the overrides go through str.format
+        "model.loss.kd_params.betta: unknown parameter of reverse_kl (it takes none)",
+    ),
+    "divergence parameter out of range": (
+        ["--model.loss.lens_params", "{{beta: 2}}"],
+        "lens_params.beta=2.0",
+    ),
+    "negative loss weight": (["--model.loss.kd_weight", "-1"], "kd_weight=-1.0: loss weights must be >= 0"),
     "missing data file": (["--data.train", "{tmp}/missing.jsonl"], "missing.jsonl"),
     "vocabulary mismatch": (["--model.student.config.vocab_size", "1000"], "vocabularies differ"),
     "layer pair counts": (["--model.layers.student", "[1, 2]"], "2 student layers"),

@@ -17,8 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillens.data import InstructionDataModule
-from distillens.evaluation import generate, protocol_line, results_markdown
-from distillens.evaluation import GenerationSettings
+from distillens.evaluation import GenerationSettings, generate, protocol_line, results_markdown
 from distillens.optimization import OptimizerConfig, warmup_cosine
 
 LONG = "word " * 40  # 40 GPT-2 tokens ("word" then " word" x 39) plus the template's

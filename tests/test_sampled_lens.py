@@ -136,7 +136,7 @@ def test_mean_over_every_possible_draw_is_the_exact_term_and_gradient(monkeypatc
         subset = torch.zeros(mask.numel(), dtype=torch.bool)
         subset[list(kept)] = True
         draw = LensDraw(pairs=[pair], mask=subset.reshape(mask.shape), token_scale=5 / 3)
-        monkeypatch.setattr(module.objective, "_lens_draw", lambda _mask, _training, _seed, draw=draw: draw)
+        monkeypatch.setattr(module.objective, "lens_draw", lambda _mask, _training, _seed, draw=draw: draw)
         lens, gradient = lens_and_gradient(module, batch)
         total_lens, total_grad, draws = total_lens + float(lens), total_grad + gradient.double(), draws + 1
     assert draws == 3 * 10
