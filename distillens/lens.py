@@ -151,9 +151,8 @@ def projected_divergence(
 ) -> tuple[Tensor, Tensor]:
     """Divergence between the vocabulary distributions two projections give of aligned hidden states.
 
-    The generic routine behind both distillation terms: with the models' output heads on their last hidden states it
-    is the final-layer term; with their lenses on layer pairs it is the lens term (``lens_loss``). Each pair's masked
-    token mean (or sum) of the divergence is computed chunk by chunk, and the pairs are averaged.
+    Behind both distillation terms: the output heads on the last hidden states give the final-layer term, the lenses
+    on layer pairs the lens term (``lens_loss``). Chunk by chunk; the pairs' token means (or sums) are averaged.
 
     Args:
         student_hidden: k tensors (B, T, d_s), aligned by pair with ``teacher_hidden`` (k tensors (B, T, d_t)).
