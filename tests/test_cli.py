@@ -460,3 +460,13 @@ def test_default_config_trains_end_to_end(tmp_path):
     assert not [key for key in checkpoint["state_dict"] if "teacher" in key]
     student = AutoModelForCausalLM.from_pretrained(run / "student")
     assert student.config.num_hidden_layers == 12  # model.student.init_from_teacher_layers
+
+
+def test_fit_help_names_the_page_of_each_model_setting(capsys, monkeypatch):
+    """The nested settings are not expanded in `fit --help`: it must say where their options are (the README too)."""
+    monkeypatch.setenv("COLUMNS", "200")
+    _, out, _ = run_in_process(["fit", "--help"], capsys)
+    readme = (REPO / "README.md").read_text()
+    for group in ("teacher", "loss", "layers", "optimizer", "generation"):
+        assert f"--model.{group}.help" in out and f"--model.{group}.help" in readme, group
+    assert "--model.student.source" in out  # the student's own options are listed inline
