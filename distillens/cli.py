@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from distillens.commands import COMMANDS, command_parser, run_command
@@ -18,6 +21,8 @@ from distillens.console import (
 )
 from distillens.data import InstructionDataModule
 from distillens.module import DistillationModule
+
+log = logging.getLogger(__name__)
 
 
 class DistillensParser(LightningArgumentParser):
@@ -42,6 +47,18 @@ class DistillensCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         self.datamodule.connect(self.model.tokenizer)
+        warn_if_oversubscribed(self.trainer)
+
+
+def warn_if_oversubscribed(trainer) -> None:
+    """One warning when CPU processes outnumber the cores: each would get less than one, slower than fewer."""
+    cores = os.cpu_count() or 1
+    if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > cores:
+        log.warning(
+            "trainer.devices=%d CPU processes on a machine with %d core(s): each gets less than a core, so the run "
+            "is slower than with devices=%d",
+            trainer.num_devices, cores, cores,
+        )  # fmt: skip
 
 
 def run_cli(args: list[str] | None = None) -> DistillensCLI:

@@ -470,3 +470,19 @@ def test_fit_help_names_the_page_of_each_model_setting(capsys, monkeypatch):
     for group in ("teacher", "loss", "layers", "optimizer", "generation"):
         assert f"--model.{group}.help" in out and f"--model.{group}.help" in readme, group
     assert "--model.student.source" in out  # the student's own options are listed inline
+
+
+def test_more_cpu_processes_than_cores_is_one_warning(caplog, monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from distillens.cli import warn_if_oversubscribed
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    with caplog.at_level("WARNING", logger="distillens.cli"):
+        warn_if_oversubscribed(SimpleNamespace(accelerator=CPUAccelerator(), num_devices=2))
+        assert not caplog.records
+        warn_if_oversubscribed(SimpleNamespace(accelerator=CPUAccelerator(), num_devices=3))
+    assert len(caplog.records) == 1
+    assert "trainer.devices=3 CPU processes on a machine with 2 core(s)" in caplog.records[0].getMessage()

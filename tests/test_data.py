@@ -561,6 +561,33 @@ def test_bad_chat_rows_are_errors(smollm2_tokenizer, tmp_path):
         ready(smollm2_tokenizer, tmp_path, train=str(source), template="chat")
 
 
+def test_chat_rows_with_an_unknown_role_are_errors_naming_file_and_row(smollm2_tokenizer, tmp_path):
+    """A role the chat template does not know would be rendered as-is (<|im_start|>wizard) and trained on."""
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+        {"messages": [{"role": "wizard", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+    ]
+    source = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(
+        ValueError, match=r"chat.jsonl row 2: field 'messages' has unknown role\(s\) \['wizard'\]"
+    ):
+        ready(smollm2_tokenizer, tmp_path, train=str(source), template="chat")
+
+
+def test_rows_with_an_empty_response_are_dropped_and_counted(gpt2_tokenizer, tmp_path, caplog):
+    """A blank response would train on the EOS token alone (and give a test row nothing to score against)."""
+    blank = [{"instruction": "Say nothing.", "context": "", "response": "  "}]
+    source = write_jsonl(tmp_path / "dolly.jsonl", [DOLLY_ROWS[0], *blank, DOLLY_ROWS[1]])
+    with caplog.at_level(logging.INFO, logger="distillens.data"):
+        datamodule = ready(gpt2_tokenizer, tmp_path, test=str(source))
+    assert [refs for _, refs in generation_rows(datamodule, "dolly")] == [["Blue."], ["Paris."]]
+    assert datamodule.stats["dolly"].empty_responses_dropped == 1
+    assert "dolly: dropped 1 rows with an empty response" in caplog.text
+    only_blank = write_jsonl(tmp_path / "blank.jsonl", blank)
+    with pytest.raises(ValueError, match="empty after filtering: 1 rows read.*1 dropped for empty responses"):
+        ready(gpt2_tokenizer, tmp_path, train=str(only_blank))
+
+
 def test_skip_bad_rows_skips_and_logs_the_count(gpt2_tokenizer, tmp_path, caplog):
     bad = [{"instruction": "no answer", "context": ""}, {"instruction": "b", "response": 7}]
     source = write_jsonl(tmp_path / "dolly.jsonl", [DOLLY_ROWS[0], *bad, DOLLY_ROWS[1]])

@@ -36,7 +36,7 @@ from distillens.hub import build_once
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the tokenised layout or the filters change, to invalidate old caches
+CACHE_VERSION = 2  # bump when the tokenised layout or the filters change, to invalidate old caches
 
 
 @dataclass
@@ -314,6 +314,8 @@ class InstructionDataModule(L.LightningDataModule):
             examples, stats.short_references_dropped = _drop_short_references(
                 examples, self.tokenizer, self.min_reference_tokens[plan.name]
             )
+        if not examples:  # nothing left to tokenise (e.g. every response empty)
+            raise _empty_after_filtering(plan, stats)
         render = make_prompt_renderer(self.template, self._require_tokenizer())
         prompts = [render(example) for example in examples]
         tokenised = tokenize_examples(
@@ -330,9 +332,7 @@ class InstructionDataModule(L.LightningDataModule):
         stats.prompts_truncated = len(tokenised.cut_prompts)
         _log_stats(plan, stats, self.max_prompt_length, self.max_length)
         if not tokenised.kept:
-            raise ValueError(
-                f"{plan.name} set from {plan.source.origin} is empty after filtering: {_describe(stats)}"
-            )
+            raise _empty_after_filtering(plan, stats)
         return datasets.Dataset.from_dict(
             {
                 "input_ids": tokenised.sequences,
@@ -366,6 +366,9 @@ class InstructionDataModule(L.LightningDataModule):
                 if not self.skip_bad_rows:
                     raise
                 stats.bad_rows_skipped += 1
+        answered = [e for e in examples if any(reference.strip() for reference in e.references)]
+        stats.empty_responses_dropped = len(examples) - len(answered)
+        examples = answered
         if plan.part:
             examples, stats.in_other_split = _cut(
                 examples, plan.part, self.val_size, self.seed, plan.source.origin
@@ -499,12 +502,19 @@ def _cut(examples: list[Example], part: str, val_size: int | float, seed: int, o
     return chosen, len(examples) - len(chosen)
 
 
+def _empty_after_filtering(plan: _SplitPlan, stats: SplitStats) -> ValueError:
+    return ValueError(
+        f"{plan.name} set from {plan.source.origin} is empty after filtering: {_describe(stats)}"
+    )
+
+
 def _describe(stats: SplitStats) -> str:
     """Where the rows went, for logs and for the empty-split error."""
     return ", ".join(
         [
             f"{stats.rows_read} rows read",
             f"{stats.bad_rows_skipped} bad rows skipped",
+            f"{stats.empty_responses_dropped} dropped for empty responses",
             f"{stats.in_other_split} in the other val_size split",
             f"{stats.over_max_samples} over max_samples",
             f"{stats.short_references_dropped} dropped for short references",
@@ -517,6 +527,8 @@ def _log_stats(plan: _SplitPlan, stats: SplitStats, max_prompt_length: int, max_
     log.info("%s (%s): kept %d rows; %s", plan.name, plan.source.origin, stats.kept, _describe(stats))
     if stats.bad_rows_skipped:
         log.warning("%s: skipped %d bad rows (skip_bad_rows=True)", plan.name, stats.bad_rows_skipped)
+    if stats.empty_responses_dropped:
+        log.warning("%s: dropped %d rows with an empty response", plan.name, stats.empty_responses_dropped)
     if stats.long_prompts_dropped:
         log.warning(
             "%s: dropped %d rows with prompts over max_prompt_length=%d tokens",

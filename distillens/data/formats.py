@@ -45,6 +45,9 @@ class RowFormat:
 
 
 ROLES = ("instruction", "input", "response", "messages")
+
+CHAT_ROLES = ("system", "user", "assistant")
+"""Roles a chat row's messages may take (what chat templates render)."""
 INSTRUCTION_AND_RESPONSE = ("instruction", "response")
 ALPACA_COLUMNS = {"instruction": "instruction", "input": "input", "response": "output"}
 FORMATS = {
@@ -125,6 +128,11 @@ def _chat_example(row: Row, row_format: RowFormat) -> Example:
     if not well_formed or not messages:
         raise BadRowError(
             f"{row.where}: field {column!r} must be a non-empty list of {{role, content}} strings"
+        )
+    unknown = sorted({m["role"] for m in messages} - set(CHAT_ROLES))
+    if unknown:
+        raise BadRowError(
+            f"{row.where}: field {column!r} has unknown role(s) {unknown}; use {', '.join(CHAT_ROLES)}"
         )
     if messages[-1]["role"] != "assistant" or len(messages) < 2:
         raise BadRowError(f"{row.where}: field {column!r} must end with an assistant message after a prompt")

@@ -17,6 +17,7 @@ class SplitStats:
 
     rows_read: int = 0
     bad_rows_skipped: int = 0
+    empty_responses_dropped: int = 0  # nothing to learn or score: every reference blank
     in_other_split: int = 0  # went to the other side of the val_size split
     over_max_samples: int = 0
     long_prompts_dropped: int = 0
