@@ -11,51 +11,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from docstring_parser import parse as parse_docstring
 from jsonargparse import ArgumentParser
 
+from distillens.diagnostics import diagnose
 from distillens.export import export_checkpoint
 
 BOOLEAN_VALUES = ("true", "false", "yes", "no")
-
-
-def diagnose(
-    teacher: str,
-    student: str,
-    data: str,
-    out: str,
-    *,
-    divergence: str = "jsd",
-    max_samples: int = 32,
-    batch_size: int = 4,
-    max_length: int = 512,
-    max_prompt_length: int = 256,
-    template: str = "alpaca",
-    cache_dir: str = "data/cache",
-) -> tuple[Path, Path]:
-    """Lens diagnostics of a student against its teacher on a data file: lens_diagnostics.png and .json.
-
-    Args:
-        teacher: hub id, folder, .gguf file or smollm2-135m-instruct
-        student: as teacher, a .ckpt, or layers:i,j,... of the teacher
-        data: a data file or folder the data module reads
-        out: folder for lens_diagnostics.png and .json
-        divergence: divergence between lens distributions
-        max_samples: examples to use (the first ones)
-        batch_size: examples per forward pass
-        max_length: longest prompt + response in tokens
-        max_prompt_length: longest prompt in tokens (rows with longer prompts are dropped)
-        template: alpaca, chat, or a string with {instruction}
-        cache_dir: folder for the tokenised data
-    """
-    from distillens.diagnostics import diagnose as lens_diagnose  # matplotlib: only when diagnosing
-
-    return lens_diagnose(
-        teacher, student, data, out, divergence=divergence, max_samples=max_samples, batch_size=batch_size,
-        max_length=max_length, max_prompt_length=max_prompt_length, template=template, cache_dir=cache_dir,
-    )  # fmt: skip
 
 
 @dataclass(frozen=True)

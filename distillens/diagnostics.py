@@ -241,21 +241,43 @@ def diagnose(
     teacher: str,
     student: str,
     data: str,
-    out_dir: str | Path,
+    out: str,
     *,
     divergence: str = "jsd",
-    **data_options: Any,
+    max_samples: int = 32,
+    batch_size: int = 4,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    template: str = "alpaca",
+    cache_dir: str = "data/cache",
 ) -> tuple[Path, Path]:
-    """Load both models (see `load_student` for the student's forms), diagnose them on `data`, write PNG + JSON.
+    """Lens diagnostics of a student against its teacher on a data file: lens_diagnostics.png and .json.
 
-    `data_options` go to InstructionDataModule (max_samples, batch_size, max_length, template, cache_dir...).
+    Loads both models (see `load_student` for the student's forms), diagnoses them on `data` and writes the figure
+    and the JSON. This signature is also `distillens diagnose`'s command line.
+
+    Args:
+        teacher: hub id, folder, .gguf file or smollm2-135m-instruct
+        student: as teacher, a .ckpt, or layers:i,j,... of the teacher
+        data: a data file or folder the data module reads
+        out: folder for lens_diagnostics.png and .json
+        divergence: divergence between lens distributions
+        max_samples: examples to use (the first ones)
+        batch_size: examples per forward pass
+        max_length: longest prompt + response in tokens
+        max_prompt_length: longest prompt in tokens (rows with longer prompts are dropped)
+        template: alpaca, chat, or a string with {instruction}
+        cache_dir: folder for the tokenised data
     """
     teacher_spec = ModelSpec(source=teacher)
     teacher_model = load_model(teacher_spec)
     student_model = load_student(student, teacher_model)
     check_same_vocabulary(student_model, teacher_model)
-    batches = labelled_batches(data, load_tokenizer(teacher_spec), **data_options)
+    batches = labelled_batches(
+        data, load_tokenizer(teacher_spec), max_samples=max_samples, batch_size=batch_size,
+        max_length=max_length, max_prompt_length=max_prompt_length, template=template, cache_dir=cache_dir,
+    )  # fmt: skip
     report = lens_diagnostics(
         LogitLens(student_model), LogitLens(teacher_model), batches, divergence=divergence
     )
-    return save_lens_diagnostics(report, out_dir)
+    return save_lens_diagnostics(report, out)

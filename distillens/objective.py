@@ -201,11 +201,12 @@ class Terms(Mapping):
         means = {name: value.detach() / tokens for name, value in {"loss": self.total(), **self.sums}.items()}
         return means | {f"lens/{pair}": mean for pair, mean in self.pair_means.items()}
 
-    def token_sums(self, *, detach: bool = True) -> dict[str, Tensor]:
-        """Everything as a token sum (pair means times the count), to add up over batches: see ``token_means``."""
+    def token_sums(self) -> dict[str, Tensor]:
+        """Everything as a detached token sum (pair means times the count), to add up over batches: see
+        ``token_means``."""
         sums = {"tokens": self.tokens, "loss": self.total(), **self.sums}
         sums |= {f"lens/{pair}": mean * self.tokens for pair, mean in self.pair_means.items()}
-        return {name: value.detach() for name, value in sums.items()} if detach else sums
+        return {name: value.detach() for name, value in sums.items()}
 
 
 def token_means(sums: Mapping[str, Tensor | float]) -> dict[str, Tensor | float]:
