@@ -21,6 +21,7 @@ from distillens.console import (
 )
 from distillens.data import InstructionDataModule
 from distillens.module import DistillationModule
+from distillens.resume import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,30 @@ class DistillensCLI(LightningCLI):
         ``distillens test`` generates, scores and saves), so the subcommand could only fail."""
         return {name: kwargs for name, kwargs in LightningCLI.subcommands().items() if name != "predict"}
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would overwrite the parsed settings with the checkpoint's: here what the user wrote wins, and
+        the checkpoint is checked against it once the trainer exists (``_resolve_ckpt_path``, distillens/resume.py)."""
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         self.datamodule.connect(self.model.tokenizer)
         warn_if_oversubscribed(self.trainer)
+
+    def before_fit(self) -> None:
+        self._resolve_ckpt_path("fit")
+
+    def before_validate(self) -> None:
+        self._resolve_ckpt_path("validate")
+
+    def before_test(self) -> None:
+        self._resolve_ckpt_path("test")
+
+    def _resolve_ckpt_path(self, stage: str) -> None:
+        """Resolve ``--ckpt_path`` (``last`` included) and refuse a checkpoint of other models, in one line."""
+        options = self.config_init[stage]
+        options["ckpt_path"] = resolve_checkpoint(
+            self.trainer, options.get("ckpt_path"), self.model.hparams, stage
+        )
 
 
 def warn_if_oversubscribed(trainer) -> None:

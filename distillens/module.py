@@ -16,6 +16,7 @@ never in the optimizer, never switched to train mode by Lightning, and it never 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict
 from typing import Any
@@ -38,7 +39,7 @@ from distillens.models import (
     rebuildable,
 )
 from distillens.objective import LayerPairs, LossConfig, Objective, Terms, token_means
-from distillens.optimization import OptimizerConfig, adamw_with_schedule
+from distillens.optimization import OptimizerConfig, adamw_with_schedule, apply_settings
 from distillens.sampling import draw_seed
 
 
@@ -76,17 +77,17 @@ class DistillationModule(L.LightningModule):
                 "model.teacher.lora: the teacher is frozen and never trained; fold a trained adapter into it with "
                 "model.teacher.adapter instead"
             )
-        # plain dicts, so checkpoints load with torch.load(weights_only=True)
+        # plain dicts and lists: checkpoints load with torch.load(weights_only=True), hparams.yaml with safe_load
         self.save_hyperparameters(
-            {
+            json.loads(json.dumps({
                 "student": asdict(self.student_spec),
                 "teacher": asdict(self.teacher_spec) if self.teacher_spec else None,
                 "loss": asdict(self.loss_config),
                 "layers": asdict(self.layer_pairs),
                 "optimizer": asdict(self.optimizer_config),
                 "generation": asdict(self.generation),
-            }
-        )
+            }))
+        )  # fmt: skip
         has_own = self.student_spec.tokenizer_source is not None
         self.tokenizer = load_tokenizer(self.student_spec if has_own else self.teacher_spec)
         check_same_tokenizer(self.student_spec, self.teacher_spec, self.tokenizer)
@@ -227,8 +228,20 @@ class DistillationModule(L.LightningModule):
     # Optimisation and checkpoints
 
     def configure_optimizers(self):
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        return adamw_with_schedule(self.named_parameters(), self.optimizer_config, total)
+        return adamw_with_schedule(self.named_parameters(), self.optimizer_config, self._total_steps())
+
+    def on_train_start(self) -> None:
+        """The run's own optimizer settings and schedule over the restored state of a resumed run: Lightning
+        restores the optimizer (and its saved learning rate) after ``configure_optimizers``, just before this."""
+        apply_settings(
+            self.optimizers(use_pl_optimizer=False),
+            self.lr_schedulers(),
+            self.optimizer_config,
+            self._total_steps(),
+        )
+
+    def _total_steps(self) -> int:
+        return max(int(self.trainer.estimated_stepping_batches), 1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the student's architecture, so the checkpoint can be restored and exported without a teacher.

@@ -51,15 +51,46 @@ def adamw_with_schedule(
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [  # named: LearningRateMonitor logs lr-AdamW/decay and lr-AdamW/no_decay
-        {"params": decay, "weight_decay": config.weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        {"params": decay, "name": "decay", **group_settings(config, "decay")},
+        {"params": no_decay, "name": "no_decay", **group_settings(config, "no_decay")},
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
-    warmup = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(warmup, total_steps, config.floor_ratio)
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_of(config, total_steps))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def group_settings(config: OptimizerConfig, group: str) -> dict[str, Any]:
+    """A parameter group's AdamW settings: weight decay for weight matrices only."""
+    decay = config.weight_decay if group == "decay" else 0.0
+    return {"lr": config.lr, "betas": tuple(config.betas), "weight_decay": decay}
+
+
+def schedule_of(config: OptimizerConfig, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of every step of a run of ``total_steps`` optimizer steps."""
+    warmup = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
+    return warmup_cosine(warmup, total_steps, config.floor_ratio)
+
+
+def apply_settings(
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
+    config: OptimizerConfig,
+    total_steps: int,
+) -> None:
+    """Put the run's own settings back into a restored optimizer and schedule, keeping their step and moments.
+
+    Loading a checkpoint's optimizer state restores its saved learning rate, betas and weight decay, and the
+    schedule's saved peak: a run resumed with another ``model.optimizer`` or ``trainer.max_steps`` would go on
+    with the old ones. The schedule continues from its restored step under the new settings.
+    """
+    multiplier = schedule_of(config, total_steps)
+    schedule.lr_lambdas = [multiplier] * len(optimizer.param_groups)
+    schedule.base_lrs = [config.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group.update(group_settings(config, group.get("name", "decay")))
+        group["initial_lr"] = config.lr
+        group["lr"] = config.lr * multiplier(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:

@@ -20,6 +20,7 @@ from unittest import mock
 
 import pytest
 import torch
+import yaml
 from helpers import checkpoint_every_step, tiny_fit_config, write_config
 from reference import (
     Objective,
@@ -32,7 +33,7 @@ from reference import (
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from distillens.cli import run_cli
+from distillens.cli import main, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "instructions"
@@ -177,3 +178,92 @@ def test_resume_after_kill_9_continues_the_curves(uninterrupted, tmp_path, cache
     assert cli.trainer.global_step == MAX_STEPS
     resumed = curves(sorted(event_files(tmp_path / "tiny") - before))
     assert_continues(resumed, reference, start=killed_at)
+
+
+# ------------------------------------------------------------------------ what a resume may change (issue 10, 1 and 5)
+
+
+def resumed_from(step: int, uninterrupted, folder: Path, cache_dir: Path, *changes: str):
+    """fit resumed from the uninterrupted run's step-``step`` checkpoint with ``changes`` on the command line."""
+    run, _, _ = uninterrupted
+    return fit(
+        resume_config(folder, cache_dir),
+        "--ckpt_path",
+        str(run / "checkpoints" / f"step{step}.ckpt"),
+        *changes,
+    )
+
+
+def test_a_resume_trains_with_the_changed_loss_weight_and_records_it(
+    uninterrupted, tmp_path, cache_dir, caplog
+):
+    """The command line wins over the checkpoint's hyper-parameters, and config.yaml and hparams.yaml say so."""
+    with caplog.at_level("INFO", logger="distillens.resume"):
+        cli = resumed_from(3, uninterrupted, tmp_path, cache_dir, "--model.loss.kd_weight", "0.25")
+    assert cli.model.loss_config.kd_weight == 0.25
+    run = tmp_path / "tiny"
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["loss"]["kd_weight"] == 0.25
+    assert yaml.safe_load((run / "hparams.yaml").read_text())["loss"]["kd_weight"] == 0.25
+    (line,) = [r.getMessage() for r in caplog.records if "changed settings" in r.getMessage()]
+    assert line.endswith("with changed settings: model.loss.kd_weight 1.0 -> 0.25")
+
+
+def test_a_resume_follows_the_changed_schedule_from_the_restored_step(uninterrupted, tmp_path, cache_dir):
+    """A new peak learning rate applies from the resumed step on, where the restored optimizer had the old one."""
+    fit_ = resumed_from(3, uninterrupted, tmp_path, cache_dir, "--model.optimizer.lr", "5e-4")
+    assert fit_.trainer.global_step == MAX_STEPS
+    logged = curves(sorted(event_files(tmp_path / "tiny")))["lr-AdamW/decay"]
+    expected = {step: warmup_cosine_lr(step, 5e-4, 2, MAX_STEPS, 0.1) for step in range(3, MAX_STEPS)}
+    assert logged == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("form", ["file", "last"])
+def test_a_resume_into_another_student_is_one_line_naming_the_field(
+    form, uninterrupted, tmp_path, cache_dir, capsys
+):
+    run, _, _ = uninterrupted
+    if form == "last":  # the run's own folder, found by --ckpt_path last
+        config, ckpt_path = resume_config(run.parent, cache_dir), "last"
+    else:
+        config, ckpt_path = resume_config(tmp_path, cache_dir), str(run / "checkpoints" / "step3.ckpt")
+    with pytest.raises(SystemExit) as exit_, mock.patch.object(sys, "argv", ["distillens"]):
+        main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--ckpt_path",
+                ckpt_path,
+                "--model.student.config.hidden_size",
+                "64",
+            ]
+        )
+    assert exit_.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "model.student.config.hidden_size: 32 there, 64 here" in line
+    assert line.startswith("distillens: error: ") and ".ckpt: was trained with other models" in line
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_where_it_looked_and_starts_fresh(
+    tmp_path, cache_dir, capsys
+):
+    config = resume_config(tmp_path, cache_dir)
+    with mock.patch.object(sys, "argv", ["distillens"]):
+        main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "1"])
+    captured = capsys.readouterr()
+    folder = tmp_path / "tiny" / "checkpoints"
+    assert f"--ckpt_path last: no last*.ckpt in {folder} yet; training starts from step 0" in captured.out
+    assert (
+        "no last checkpoint available" not in captured.err
+    )  # Lightning's own warning, replaced by that line
+
+
+def test_testing_ckpt_path_last_without_a_checkpoint_is_one_error_line(tmp_path, cache_dir, capsys):
+    config = resume_config(tmp_path, cache_dir)
+    with pytest.raises(SystemExit), mock.patch.object(sys, "argv", ["distillens"]):
+        main(["validate", "--config", str(config), "--ckpt_path", "last"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert (
+        line.startswith("distillens: error: --ckpt_path last: no last*.ckpt in ")
+        and "nothing to validate" in line
+    )

@@ -1,0 +1,125 @@
+"""Resuming from a checkpoint: one rule for ``--ckpt_path FILE`` and ``--ckpt_path last``.
+
+What the user writes (config files and command line) is what runs. A checkpoint brings back the student's weights
+and, in ``fit``, the optimizer, schedule and loop state; it never brings back settings. Settings that only steer
+training or evaluation (loss weights, divergences, layer pairs, the schedule, generation) may change on resume, and
+the run says in one line which ones did. Settings that decide which weights the checkpoint holds (the student's
+architecture and source, the teacher, the MSE projections) may not: the checkpoint could not be loaded into the
+models the config builds, so that is one error line naming the differing fields.
+
+``last`` keeps Lightning's meaning (the newest ``last*.ckpt`` in the run's checkpoint folder), so a preempted job
+relaunched with the same command resumes; when there is none, ``fit`` says where it looked and starts fresh, while
+``validate`` and ``test`` stop, having nothing to evaluate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FIXED = ("student", "teacher")
+"""Hyper-parameter groups that decide the weights a checkpoint holds: they cannot change on resume."""
+
+
+def flatten(settings: Mapping[str, Any], prefix: str = "model") -> dict[str, Any]:
+    """Nested hyper-parameters as dotted option names: {"loss": {"kd_weight": 1}} -> {"model.loss.kd_weight": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def changed_settings(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Option name -> (value in the checkpoint, value now) for every setting that differs."""
+    before, after = flatten(saved), flatten(given)
+    return {
+        name: (before.get(name), after.get(name))
+        for name in sorted(before.keys() | after.keys())
+        if before.get(name) != after.get(name)
+    }
+
+
+def fixed_changes(changes: Mapping[str, tuple[Any, Any]], saved: Mapping, given: Mapping) -> list[str]:
+    """The changed options that the checkpoint's weights depend on."""
+    fixed = [name for name in changes if name.split(".")[1] in FIXED]
+    uses_projections = any((settings.get("loss") or {}).get("mse_weight") for settings in (saved, given))
+    if uses_projections:  # one teacher -> student projection per layer pair is part of the weights
+        fixed += [
+            name for name in changes if name.startswith("model.layers.") or name == "model.loss.mse_weight"
+        ]
+    return fixed
+
+
+def check_resumable(path: Path, saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, tuple]:
+    """Raise one line when the checkpoint cannot be loaded into the configured models; else return the changes."""
+    changes = changed_settings(saved, given)
+    fixed = fixed_changes(changes, saved, given)
+    if fixed:
+        differences = "; ".join(
+            f"{name}: {changes[name][0]!r} there, {changes[name][1]!r} here" for name in fixed
+        )
+        raise ValueError(
+            f"{path}: was trained with other models than this config builds ({differences}); resume with the "
+            "run's own model settings, or start a new run without --ckpt_path"
+        )
+    return changes
+
+
+def describe_changes(path: Path, changes: Mapping[str, tuple[Any, Any]]) -> str:
+    """One line: which settings differ from the checkpoint's, which now apply."""
+    listed = ", ".join(f"{name} {before!r} -> {after!r}" for name, (before, after) in changes.items())
+    return f"resuming from {path} with changed settings: {listed}"
+
+
+def saved_hyper_parameters(path: Path) -> dict[str, Any]:
+    """The module hyper-parameters a checkpoint recorded (memory-mapped: the weights are not read)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as error:
+        raise ValueError(
+            f"{path}: not a checkpoint torch can read ({type(error).__name__}: {error})"
+        ) from None
+    return dict(checkpoint.get("hyper_parameters") or {})
+
+
+def last_checkpoint(trainer) -> tuple[Path | None, list[Path]]:
+    """The newest ``last*.ckpt`` of the trainer's checkpoint callbacks (Lightning's ``last``), and where it looked."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    folders = [Path(cb._ModelCheckpoint__resolve_ckpt_dir(trainer)) for cb in callbacks]
+    found = [Path(p) for cb in callbacks for p in cb._find_last_checkpoints(trainer)]
+    newest = max(found, key=lambda p: p.stat().st_mtime) if found else None
+    return newest, folders
+
+
+def resolve_checkpoint(trainer, ckpt_path: str | None, given: Mapping[str, Any], stage: str) -> str | None:
+    """The checkpoint a launch starts from, checked against the configured models; None to start fresh."""
+    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
+        return ckpt_path
+    if ckpt_path == "last":
+        found, folders = last_checkpoint(trainer)
+        if found is None:
+            where = ", ".join(str(folder) for folder in folders) or "(no ModelCheckpoint callback configured)"
+            if stage != "fit":
+                raise ValueError(f"--ckpt_path last: no last*.ckpt in {where}; nothing to {stage}")
+            log.info("--ckpt_path last: no last*.ckpt in %s yet; training starts from step 0", where)
+            return None
+        ckpt_path = str(found)
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    changes = check_resumable(path, saved_hyper_parameters(path), given)
+    if changes:
+        log.info(describe_changes(path, changes))
+    return str(path)
