@@ -1,15 +1,19 @@
-"""Callbacks: token throughput, a fixed number of sequences per optimizer step whatever the device count, initial
+"""Callbacks: a checkpoint when training stops early, token throughput, a fixed number of sequences per optimizer step whatever the device count, initial
 validation, generation-based evaluation (test and validation), export of the trained student as a Hugging Face
 folder, and lens diagnostics."""
 
 from __future__ import annotations
 
 import itertools
+import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from distillens.diagnostics import lens_diagnostics, plot_lens_diagnostics
@@ -24,6 +28,79 @@ from distillens.evaluation import (
 )
 from distillens.lens import LogitLens
 from distillens.objective import token_means
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointOnInterrupt(L.Callback):
+    """Ctrl-C during fit finishes the optimizer step under way, saves ``last.ckpt`` and stops, saying how to go on.
+
+    Periodic checkpoints alone lose the work since the last one. A checkpoint written in the middle of a step
+    cannot be resumed exactly (the batch in flight is half counted by the loops and the data position), so the
+    first Ctrl-C asks for a stop at the end of the step and the checkpoint is written there, where the run's
+    ``ModelCheckpoint`` keeps its ``last`` file: the same command with ``--ckpt_path last`` continues exactly. A
+    second Ctrl-C stops at once, without one. With several processes, the ranks agree at each step's end whether
+    any of them was interrupted, so that they save and stop together. An exception in the loop cannot be saved
+    from: one line names the newest checkpoint instead.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.interrupted = False  # a checkpoint was saved on Ctrl-C and fit stopped: the CLI exits with 130
+        self._previous_handler = None
+        self._step_at_batch_start = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+
+    def _request_stop(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous_handler)  # a second Ctrl-C interrupts at once
+        log.info(
+            "Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again stops at once, without one)"
+        )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # gradient accumulation: the optimizer step is not done yet
+        requested = self.requested
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        path = _last_checkpoint_path(trainer)
+        if not requested or path is None:
+            return
+        trainer.save_checkpoint(path)
+        trainer.should_stop = self.interrupted = True
+        log.info("interrupted at step %d: saved %s; to go on, run the same command with --ckpt_path last",
+                 trainer.global_step, path)  # fmt: skip
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handler()
+        path = _last_checkpoint_path(trainer)
+        if trainer.state.fn != "fit" or path is None or not trainer.is_global_zero:
+            return
+        saved = f"the newest checkpoint is {path}" if path.is_file() else "no checkpoint was saved yet"
+        log.info("%s at step %d: %s", type(exception).__name__, trainer.global_step, saved)
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+
+def _last_checkpoint_path(trainer) -> Path | None:
+    """Where the run's first ModelCheckpoint keeps its ``last`` file (None without one, or before it is set up)."""
+    callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    if not callbacks or callbacks[0].dirpath is None:
+        return None
+    return Path(callbacks[0].dirpath) / f"{callbacks[0].CHECKPOINT_NAME_LAST}{callbacks[0].FILE_EXTENSION}"
 
 
 class TokenThroughput(L.Callback):

@@ -57,6 +57,12 @@ class DistillensCLI(LightningCLI):
     def before_fit(self) -> None:
         self._resolve_ckpt_path("fit")
 
+    def after_fit(self) -> None:
+        """A fit stopped by Ctrl-C has saved its checkpoint (callbacks.CheckpointOnInterrupt); its status says it
+        did not finish, as an interrupted program's does (128 + SIGINT)."""
+        if any(getattr(callback, "interrupted", False) for callback in self.trainer.callbacks):
+            raise SystemExit(130)
+
     def before_validate(self) -> None:
         self._resolve_ckpt_path("validate")
 

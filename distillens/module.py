@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 from transformers import PreTrainedModel
 
-from distillens.callbacks import GenerationEvaluation
+from distillens.callbacks import CheckpointOnInterrupt, GenerationEvaluation
 from distillens.distributed import is_sharded, shard_models, sharding_options
 from distillens.evaluation import GenerationSettings
 from distillens.models import (
@@ -120,8 +120,9 @@ class DistillationModule(L.LightningModule):
         self._apply_strategy()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Generation-based evaluation with this module's settings, in every run that tests or validates."""
-        return [GenerationEvaluation(self.generation)]
+        """Generation-based evaluation with this module's settings, in every run that tests or validates, and a
+        checkpoint when fit is interrupted."""
+        return [GenerationEvaluation(self.generation), CheckpointOnInterrupt()]
 
     def _apply_strategy(self) -> None:
         """Give both models the trainer's precision, then shard them if the strategy provides a device mesh.

@@ -6,6 +6,8 @@ PYTHONPATH. They only read: the run trains exactly as it would without them.
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -38,3 +40,16 @@ class RecordRun(L.Callback):
         tensors = {k: v.detach().cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)}
         name = f"batch-step{trainer.global_step}-rank{trainer.global_rank}-{batch_idx}.pt"
         torch.save(tensors, self.folder / name)
+
+
+class InterruptAt(L.Callback):
+    """Sends this process SIGINT (what Ctrl-C sends) before the training batch of global step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)

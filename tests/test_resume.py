@@ -267,3 +267,24 @@ def test_testing_ckpt_path_last_without_a_checkpoint_is_one_error_line(tmp_path,
         line.startswith("distillens: error: --ckpt_path last: no last*.ckpt in ")
         and "nothing to validate" in line
     )
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_where_it_stopped(uninterrupted, tmp_path, cache_dir, capsys):
+    """SIGINT (Ctrl-C) before step 3's batch: the step finishes, last.ckpt holds step 4, fit exits with 130 and one
+    line says how to go on, and the resumed run logs the uninterrupted run's curves from step 4 on."""
+    _, reference, _ = uninterrupted
+    config = yaml.safe_load(resume_config(tmp_path, cache_dir).read_text())
+    config["trainer"]["callbacks"].append({"class_path": "probes.InterruptAt", "init_args": {"step": 3}})
+    interrupted = write_config(config, tmp_path / "interrupted.yaml")
+    with pytest.raises(SystemExit) as exit_, mock.patch.object(sys, "argv", ["distillens"]):
+        main(["fit", "--config", str(interrupted)])
+    assert exit_.value.code == 130
+    last = tmp_path / "tiny" / "checkpoints" / "last.ckpt"
+    assert f"interrupted at step 4: saved {last}; to go on, run the same command with --ckpt_path last" in (
+        capsys.readouterr().out
+    )
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    before = event_files(tmp_path / "tiny")
+    cli = fit(resume_config(tmp_path, cache_dir), "--ckpt_path", "last")
+    assert cli.trainer.global_step == MAX_STEPS
+    assert_continues(curves(sorted(event_files(tmp_path / "tiny") - before)), reference, start=4)
