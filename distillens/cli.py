@@ -21,7 +21,8 @@ from distillens.console import (
 )
 from distillens.data import InstructionDataModule
 from distillens.module import DistillationModule
-from distillens.resume import resolve_checkpoint
+from distillens.resume import last_checkpoint, resolve_checkpoint
+from distillens.runs import check_fresh_run, place_run
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ class DistillensCLI(LightningCLI):
         """Lightning would overwrite the parsed settings with the checkpoint's: here what the user wrote wins, and
         the checkpoint is checked against it once the trainer exists (``_resolve_ckpt_path``, distillens/resume.py)."""
 
+    def before_instantiate_classes(self) -> None:
+        """Every file of the launch under the run's root, evaluation launches in a folder of their own (runs.py)."""
+        place_run(self.config[self.subcommand].trainer, self.subcommand)
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         self.datamodule.connect(self.model.tokenizer)
@@ -72,6 +77,8 @@ class DistillensCLI(LightningCLI):
     def _resolve_ckpt_path(self, stage: str) -> None:
         """Resolve ``--ckpt_path`` (``last`` included) and refuse a checkpoint of other models, in one line."""
         options = self.config_init[stage]
+        if stage == "fit" and options.get("ckpt_path") is None:
+            check_fresh_run(last_checkpoint(self.trainer)[1])
         options["ckpt_path"] = resolve_checkpoint(
             self.trainer, options.get("ckpt_path"), self.model.hparams, stage
         )

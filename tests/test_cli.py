@@ -25,6 +25,7 @@ import yaml
 from reference import Objective, objective_sums, weighted
 from rouge_score import rouge_scorer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillens.cli import main, run_cli
@@ -176,6 +177,56 @@ def test_export_command_from_a_checkpoint_gives_the_checkpoints_logits(fitted, t
 # ------------------------------------------------------------------------------------------------ validate, test
 
 
+def val_loss_steps_tensorboard_serves(logs: Path) -> dict[str, list[int]]:
+    """TensorBoard's view of every run under ``logs``: run name -> the steps of its val/loss curve."""
+    runs = EventMultiplexer().AddRunsFromDirectory(str(logs)).Reload()
+    return {  # the server reads scalars as tensors (its data provider)
+        name: [event.step for event in runs.Tensors(name, "val/loss")]
+        for name, tags in runs.Runs().items()
+        if "val/loss" in tags["tensors"]
+    }
+
+
+def test_validate_and_test_keep_the_fits_curves_whole(fitted, cache_dir):
+    """Each evaluation launch logs into a folder of its own in the run, so TensorBoard keeps every fit point."""
+    _, run = fitted
+    before = val_loss_steps_tensorboard_serves(run.parent)
+    checkpoint = str(run / "checkpoints" / "last.ckpt")
+    for _ in range(2):
+        run_distillens(["validate", *tiny_args(run.parent, cache_dir), "--ckpt_path", checkpoint])
+    after = val_loss_steps_tensorboard_serves(run.parent)
+    assert before == {"tiny": [2, 5]}  # validations after steps 3 and 6, logged at the step they follow
+    assert after == {**before, "tiny/validate-0": [0], "tiny/validate-1": [0]}
+    assert (run / "validate-1" / "config.yaml").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == MAX_STEPS
+
+
+def test_default_root_dir_holds_the_whole_run_and_a_new_run_keeps_off_it(tmp_path, cache_dir, capsys):
+    """--trainer.default_root_dir D puts events, config, checkpoints and the export under D/<name>; a second fresh
+    fit there stops with one line instead of replacing the first run's checkpoints."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    args = [
+        "fit",
+        *tiny_args(elsewhere, cache_dir, "--trainer.max_steps", "1"),
+        "--trainer.default_root_dir",
+        str(root),
+    ]
+    run_distillens(args)
+    run = root / "tiny"
+    for name in ("config.yaml", "hparams.yaml", "checkpoints/last.ckpt", "student/config.json"):
+        assert (run / name).is_file(), f"{run / name} missing"
+    assert list(run.glob("events.out.tfevents.*")) and not elsewhere.exists()
+    capsys.readouterr()  # the first fit's output
+    with pytest.raises(SystemExit), mock.patch.object(sys, "argv", ["distillens"]):
+        main(args)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"distillens: error: {run} already holds a run (")
+    assert (
+        "continue it with --ckpt_path last, or start this one elsewhere with --trainer.default_root_dir"
+        in line
+    )
+
+
 def test_validate_reproduces_the_validation_loss_of_fit(fitted, tmp_path, cache_dir):
     """The final checkpoint's validation loss, as fit recorded it in the checkpoint callback's state."""
     _, run = fitted
@@ -201,7 +252,10 @@ def test_test_scores_generations_on_each_test_set(fitted, tmp_path, cache_dir):
     assert list(scores) == ["test/instructions/rougeL"], f"logged: {sorted(metrics)}"
     # the answers written for the one seed, scored here with rouge_score itself (stemmed ROUGE-L F x100, best
     # reference), against the test set's own responses
-    answers = [json.loads(line) for line in (tmp_path / "tiny" / "eval" / "instructions.seed10.jsonl").open()]
+    answers = [
+        json.loads(line)
+        for line in (tmp_path / "tiny" / "test-0" / "eval" / "instructions.seed10.jsonl").open()
+    ]
     rows = [json.loads(line) for line in (DATA / "test.jsonl").open()]
     assert answers and len({answer["index"] for answer in answers}) == len(answers)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

@@ -147,7 +147,7 @@ def sampled_test_run(tmp_path_factory, model_folders):
         data={"test": [str(s) for s in sets], "eval_batch_size": 4},
     )
     cli = run_cli(["test", "--config", str(config)])
-    return cli, tmp_path / "logs" / "tiny" / "eval"
+    return cli, tmp_path / "logs" / "tiny" / "test-0" / "eval"
 
 
 def test_answers_are_saved_per_set_and_seed_in_dataset_order(sampled_test_run):
@@ -197,7 +197,7 @@ def test_greedy_answers_equal_each_prompt_generated_alone(tmp_path, model_folder
         tmp_path, model_folders, generation, data={"test": str(test_set), "eval_batch_size": 3}
     )
     run_cli(["test", "--config", str(config)])
-    rows = read_jsonl(tmp_path / "logs" / "tiny" / "eval" / "dolly.seed0.jsonl")
+    rows = read_jsonl(tmp_path / "logs" / "tiny" / "test-0" / "eval" / "dolly.seed0.jsonl")
     expected = [greedy_alone(model_folders["teacher"], smollm2_tokenizer, row["prompt"]) for row in rows]
     assert [row["prediction"] for row in rows] == expected
     assert any(expected)  # not a vacuous comparison of empty strings

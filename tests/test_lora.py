@@ -359,7 +359,7 @@ def test_cli_fits_a_lora_student_exports_it_both_ways_and_tests_under_the_protoc
         torch.testing.assert_close(value, trained[key.replace(".weight", ".default.weight")], msg=key)
     with mock.patch.object(sys, "argv", ["distillens"]):
         run_cli(["test", *args, "--ckpt_path", str(checkpoint)])
-    protocol = (run / "eval" / "results.md").read_text().splitlines()[-1]
+    protocol = (run / "test-0" / "eval" / "results.md").read_text().splitlines()[-1]
     assert (
         "no_repeat_ngram_size 6" in protocol and "instructions: references of at least 11 tokens" in protocol
     )
