@@ -13,7 +13,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from distillens.diagnostics import lens_diagnostics, plot_lens_diagnostics
@@ -103,18 +104,102 @@ def _last_checkpoint_path(trainer) -> Path | None:
     return Path(callbacks[0].dirpath) / f"{callbacks[0].CHECKPOINT_NAME_LAST}{callbacks[0].FILE_EXTENSION}"
 
 
-class TokenThroughput(L.Callback):
-    """Log ``train/tokens_per_sec``: non-padding tokens of the micro-batch over its wall time, all ranks summed."""
+def planned_steps(trainer) -> int | None:
+    """The run's length in optimizer steps when ``trainer.max_steps`` sets it, else None (epoch-based)."""
+    return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
+
+class StepsRichProgressBar(RichProgressBar):
+    """Lightning's rich bar, counting optimizer steps of the planned total when ``max_steps`` sets the run's length.
+
+    Lightning's bar counts the batches of the current epoch and titles it ``Epoch e/max_epochs-1``: on a run
+    limited by steps it reads ``Epoch 0/-2``, and ``4/2`` batches after a mid-epoch resume.
+    """
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return planned_steps(self.trainer) or super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if planned_steps(self.trainer) is None:
+            return super()._get_train_description(current_epoch)
+        return f"{'Steps':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if planned_steps(trainer) is not None:
+            self._update(self.train_progress_bar_id, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        seconds = time.perf_counter() - self._start
-        tokens = batch["attention_mask"].sum().float() * trainer.world_size
-        pl_module.log(
-            "train/tokens_per_sec", tokens / max(seconds, 1e-9), batch_size=batch["input_ids"].shape[0]
-        )
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if planned_steps(trainer) is not None:
+            self._update(self.train_progress_bar_id, trainer.global_step)
+
+
+class StepsTQDMProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar (used when rich is not installed), counting steps like ``StepsRichProgressBar``."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return planned_steps(self.trainer) or super().total_train_batches
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if planned_steps(trainer) is not None:
+            self.train_progress_bar.set_description("Steps")
+            _update_n(self.train_progress_bar, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if planned_steps(trainer) is None:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        _update_n(self.train_progress_bar, trainer.global_step)
+        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+def count_steps_in_progress_bar(trainer) -> None:
+    """Swap Lightning's default progress bar, if the trainer has it, for the one that counts steps (in place)."""
+    swaps = {RichProgressBar: StepsRichProgressBar, TQDMProgressBar: StepsTQDMProgressBar}
+    for index, callback in enumerate(trainer.callbacks):
+        if type(callback) in swaps:
+            counting = swaps[type(callback)].__new__(swaps[type(callback)])
+            counting.__dict__.update(callback.__dict__)  # the bar's own settings (theme, refresh rate, leave)
+            trainer.callbacks[index] = counting
+
+
+class TokenThroughput(L.Callback):
+    """Log ``train/tokens_per_sec``: non-padding tokens trained over the wall time, per logging window, all ranks.
+
+    Timed from one logged value to the next (``trainer.log_every_n_steps`` optimizer steps), data loading,
+    backward and optimizer steps included, and after the accelerator has finished its queued work: the rate the
+    run achieves. A per-micro-batch timing without a device sync swings with whatever the batch's neighbours
+    left queued.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._restart_window(pl_module.device)
+
+    def _restart_window(self, device: torch.device) -> None:
+        _synchronize(device)
+        self._tokens, self._since = 0, time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._tokens += int(batch["attention_mask"].sum()) * trainer.world_size
+        stepped = trainer.global_step != self._step_at_batch_start
+        if not stepped or trainer.global_step % trainer.log_every_n_steps:
+            return  # Lightning writes logged values at the same steps
+        _synchronize(pl_module.device)
+        seconds = max(time.perf_counter() - self._since, 1e-9)
+        pl_module.log("train/tokens_per_sec", self._tokens / seconds, batch_size=batch["input_ids"].shape[0])
+        self._restart_window(pl_module.device)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the accelerator's queued work, so that wall time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class SequencesPerStep(L.Callback):

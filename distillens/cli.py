@@ -11,6 +11,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from distillens.callbacks import count_steps_in_progress_bar
 from distillens.commands import COMMANDS, command_parser, run_command
 from distillens.console import (
     DEBUG_FLAG,
@@ -58,6 +59,7 @@ class DistillensCLI(LightningCLI):
         super().instantiate_classes()
         self.datamodule.connect(self.model.tokenizer)
         warn_if_oversubscribed(self.trainer)
+        count_steps_in_progress_bar(self.trainer)
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path("fit")

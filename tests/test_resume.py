@@ -288,3 +288,28 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_where_it_stopped(uninterrupted, 
     cli = fit(resume_config(tmp_path, cache_dir), "--ckpt_path", "last")
     assert cli.trainer.global_step == MAX_STEPS
     assert_continues(curves(sorted(event_files(tmp_path / "tiny") - before)), reference, start=4)
+
+
+@pytest.mark.parametrize("bar", ["rich", "tqdm"])
+def test_the_progress_bar_counts_steps_of_the_planned_total_across_a_resume(
+    bar, uninterrupted, tmp_path, cache_dir
+):
+    """Resumed at step 3 of 8, in the middle of the first epoch (5 batches): the bar ends at 8 of 8 steps, where
+    Lightning's read 'Epoch 1/-2' and counted the epoch's batches."""
+    extra = ["--trainer.enable_progress_bar", "true"]
+    if bar == "tqdm":  # what Lightning uses when rich is not installed
+        extra += ["--trainer.callbacks+", "lightning.pytorch.callbacks.TQDMProgressBar"]
+    cli = resumed_from(3, uninterrupted, tmp_path, cache_dir, *extra)
+    progress = cli.trainer.progress_bar_callback
+    if bar == "rich":
+        task = progress.progress.tasks[progress.train_progress_bar_id]
+        total, done, title = task.total, task.completed, task.description
+    else:
+        total, done, title = (
+            progress.train_progress_bar.total,
+            progress.train_progress_bar.n,
+            progress.train_progress_bar.desc,
+        )
+    assert type(progress).__name__ == {"rich": "StepsRichProgressBar", "tqdm": "StepsTQDMProgressBar"}[bar]
+    assert (total, done) == (MAX_STEPS, MAX_STEPS)
+    assert title.strip().startswith("Steps") and "/-" not in title
