@@ -53,7 +53,8 @@ class DistillensCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Every file of the launch under the run's root, evaluation launches in a folder of their own (runs.py)."""
-        place_run(self.config[self.subcommand].trainer, self.subcommand)
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        place_run(config.trainer, self.subcommand)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
