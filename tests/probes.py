@@ -6,6 +6,7 @@ PYTHONPATH. They only read: the run trains exactly as it would without them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -38,3 +39,21 @@ class RecordRun(L.Callback):
         tensors = {k: v.detach().cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)}
         name = f"batch-step{trainer.global_step}-rank{trainer.global_rank}-{batch_idx}.pt"
         torch.save(tensors, self.folder / name)
+
+
+class RecordSources(L.Callback):
+    """Writes, per rank, who wrote the responses of each optimizer step's micro-batches (``model.on_policy``):
+    ``sources-rank<rank>.json``, a list per step of "reference" / "student" / "teacher"."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.steps: list[list[str]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        self.steps.append(
+            list(pl_module.rollouts.sources)
+        )  # callbacks run before the module resets its window
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"sources-rank{trainer.global_rank}.json").write_text(json.dumps(self.steps))
