@@ -42,8 +42,10 @@ HAS_REFERENCE = "has_reference"
 
 @dataclass
 class OnPolicyConfig:
-    """Training on generated answers: the student's own (on-policy, GKD's lambda) or the teacher's (sequence-level
-    KD), instead of the data set's reference responses, for a random fraction of the training micro-batches."""
+    """Training on generated answers, the student's own (on-policy) or the teacher's (sequence-level KD).
+
+    A seeded random fraction of the training micro-batches has its reference responses replaced by answers sampled
+    from the student (GKD's lambda) or from the teacher; the final-layer and lens terms supervise those answers."""
 
     student_fraction: float = 0.0
     """Fraction of training micro-batches whose responses are replaced by the student's sampled answers to the same
