@@ -331,22 +331,27 @@ def test_resume_after_kill_9_replaces_and_generates_what_the_uninterrupted_run_d
             assert value == pytest.approx(reference[name][at], rel=1e-6, abs=0), f"{name} at step {at}"
 
 
-def test_both_gloo_ranks_draw_the_same_sources_and_generate_together(tmp_path):
-    """A real two-process DDP fit: each rank records the sources of every step (tests/probes.py)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_both_gloo_ranks_draw_the_same_sources_and_generate_together(tmp_path, strategy):
+    """A real two-process fit, DDP or FSDP2 (whose every forward, generation included, is a collective): each rank
+    records the sources of every step (tests/probes.py); a rank generating alone would hang the run."""
     values = yaml.safe_load(run_config(tmp_path, tmp_path / "cache").read_text())
-    values["trainer"]["callbacks"].append(
-        {"class_path": "probes.RecordSources", "init_args": {"folder": str(tmp_path / "probe")}}
-    )
-    values["trainer"].update(strategy="ddp", devices=2, max_steps=4)
-    config = write_config(values, tmp_path / "ddp.yaml")
-    log = tmp_path / "ddp.log"
+    probe = {"class_path": "probes.RecordSources", "init_args": {"folder": str(tmp_path / "probe")}}
+    values["trainer"].update(callbacks=[probe], enable_checkpointing=False, max_steps=4, strategy="ddp")
+    overlay = []
+    if strategy == "fsdp":
+        del values["trainer"]["strategy"]
+        overlay = ["--config", str(REPO / "configs" / "trainer" / "fsdp.yaml")]
+    config = write_config(values, tmp_path / f"{strategy}.yaml")
+    log = tmp_path / f"{strategy}.log"
     with log.open("w") as output:
         finished = subprocess.run(
-            [DISTILLENS, "fit", "--config", str(config)], cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
-            env=os.environ | {"PYTHONPATH": str(TESTS)}, timeout=240, start_new_session=True,
+            [DISTILLENS, "fit", "--config", str(config), *overlay, "--trainer.devices", "2"], cwd=REPO,
+            stdout=output, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONPATH": str(TESTS)}, timeout=300,
+            start_new_session=True,
         )  # fmt: skip
     assert finished.returncode == 0, log.read_text()[-3000:]
     ranks = [json.loads((tmp_path / "probe" / f"sources-rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0] == ranks[1] and len(ranks[0]) == 4
     drawn = {source for sources in ranks[0] for source in sources}
-    assert STUDENT in drawn or TEACHER in drawn, ranks[0]
+    assert {STUDENT, TEACHER} <= drawn, ranks[0]
