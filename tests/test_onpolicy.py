@@ -26,11 +26,13 @@ import pytest
 import torch
 import yaml
 from helpers import build_tiny_module, checkpoint_every_step, tiny_fit_config, write_config
+from reference import tiny_llama
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import distillens.onpolicy as onpolicy
 from distillens.cli import run_cli
 from distillens.data.collate import TrainingCollator, pad_sequences
+from distillens.models import LoraSpec, ModelSpec, is_lora
 from distillens.module import DistillationModule
 from distillens.objective import LayerPairs, LossConfig
 from distillens.onpolicy import (
@@ -250,6 +252,25 @@ def test_answers_cut_at_max_new_tokens_are_supervised_as_they_stand(monkeypatch,
     )  # an eos it can never sample
     step(module, batch)
     assert module._window_tokens == 3 * 4 and module.rollouts.tokens == 12
+
+
+def test_lora_student_answers_with_its_adapters_and_trains_them_alone(monkeypatch, batch, recorded):
+    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    torch.manual_seed(0)
+    module = DistillationModule(
+        student=ModelSpec(**tiny_llama(2, 32, VOCAB), lora=LoraSpec(r=4)),
+        teacher=tiny_llama(4, 48, VOCAB),
+        layers=LayerPairs(student=[1, 2], teacher=[2, 3]),
+        on_policy=OnPolicyConfig(student_fraction=1.0, max_new_tokens=4),
+    )
+    module.configure_model()
+    module.tokenizer = SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD)
+    module.train().zero_grad(set_to_none=True)
+    module.training_step(batch, 0).backward()
+    (call,) = recorded
+    assert call["model"] is module.student and is_lora(module.student)
+    trained = {name for name, p in module.student.named_parameters() if p.grad is not None}
+    assert trained and all("lora_" in name for name in trained)
 
 
 def test_on_policy_step_runs_under_bf16_autocast(monkeypatch, batch):
