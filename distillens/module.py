@@ -10,6 +10,9 @@ Every term is a token sum over supervised tokens; the sum of the weighted terms 
 supervised tokens of the whole optimizer step, across gradient-accumulation micro-batches and data-parallel ranks
 (``on_before_optimizer_step``), so long and short micro-batches weigh by their tokens, not by their count.
 
+With ``on_policy`` fractions above 0, ``training_step`` first rebuilds a drawn micro-batch on answers the student
+or the teacher generates to its prompts (``distillens.onpolicy``); the objective then supervises those answers.
+
 The teacher is deliberately *not* a submodule: it is never in ``state_dict`` (checkpoints hold the student only),
 never in the optimizer, never switched to train mode by Lightning, and it never receives gradients.
 """
@@ -211,13 +214,8 @@ class DistillationModule(L.LightningModule):
             return batch
         settings = self.on_policy
         config = generation_config(
-            self.tokenizer,
-            settings.max_new_tokens,
-            True,
-            settings.top_k,
-            settings.top_p,
-            settings.temperature,
-        )
+            self.tokenizer, settings.max_new_tokens, True, settings.top_k, settings.top_p, settings.temperature
+        )  # fmt: skip
         rollout = roll_out(
             self.student if source == STUDENT else self.teacher, batch, config, source=source,
             seed=self._draw_seed(SAMPLING_STREAM, self.global_rank),

@@ -290,9 +290,8 @@ class Objective:
         terms = Terms(tokens=mask.sum(), sums={}, pair_means={}, weights=self.config.weights)
         if need_logits:
             terms.sums["ce"] = cross_entropy_sum(s_out.logits[:, :-1], labels[:, 1:])
-        elif (
-            self.config.ce_weight
-        ):  # a term with no target adds 0, and its tokens still count in the step's mean
+        elif self.config.ce_weight:
+            # no target: the term adds 0, while these tokens still count in the step's token mean
             terms.sums["ce"] = torch.zeros((), dtype=torch.float32, device=labels.device)
         if self.teacher is None or (training and not self.config.reads_teacher):
             return terms  # plain SFT with a teacher (for initialisation and validation): no teacher forward
