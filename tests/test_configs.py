@@ -244,7 +244,9 @@ def test_on_policy_overlay_changes_only_the_on_policy_options_and_run_name_of_it
     apart, and leaves the setup's model, data and trainer otherwise as they are."""
     setup = flatten(setup_config(path.name))
     combined = flatten(printed_config("--config", str(CONFIG_DIR / path.name), "--config", str(path)))
-    changed = {key for key in setup.keys() | combined.keys() if setup.get(key, "<absent>") != combined.get(key)}
+    changed = {
+        key for key in setup.keys() | combined.keys() if setup.get(key, "<absent>") != combined.get(key)
+    }
     assert {key.rsplit(".", 1)[0] for key in changed} <= {"model.on_policy", "trainer.logger.init_args"}
     assert combined["model.on_policy.student_fraction"] > 0
     assert combined["trainer.logger.init_args.name"] != setup["trainer.logger.init_args.name"]
