@@ -354,12 +354,15 @@ def test_resume_after_kill_9_replaces_and_generates_what_the_uninterrupted_run_d
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_both_gloo_ranks_draw_the_same_sources_and_generate_together(tmp_path, strategy):
-    """A real two-process fit, DDP or FSDP2 (whose every forward, generation included, is a collective): each rank
-    records the sources of every step (tests/probes.py); a rank generating alone would hang the run."""
+    """A real two-process fit, DDP accumulating two micro-batches a step or FSDP2 (whose every forward, generation
+    included, is a collective): each rank records the sources of every step's micro-batches (tests/probes.py); a
+    rank generating alone would hang the run."""
     values = yaml.safe_load(run_config(tmp_path, tmp_path / "cache").read_text())
     probe = {"class_path": "probes.RecordSources", "init_args": {"folder": str(tmp_path / "probe")}}
     values["trainer"].update(callbacks=[probe], enable_checkpointing=False, max_steps=4, strategy="ddp")
-    overlay = []
+    overlay, accumulated = [], 1
+    if strategy == "ddp":
+        values["trainer"]["accumulate_grad_batches"] = accumulated = 2
     if strategy == "fsdp":
         del values["trainer"]["strategy"]
         overlay = ["--config", str(REPO / "configs" / "trainer" / "fsdp.yaml")]
@@ -373,6 +376,8 @@ def test_both_gloo_ranks_draw_the_same_sources_and_generate_together(tmp_path, s
         )  # fmt: skip
     assert finished.returncode == 0, log.read_text()[-3000:]
     ranks = [json.loads((tmp_path / "probe" / f"sources-rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert ranks[0] == ranks[1] and len(ranks[0]) == 4
+    # three micro-batches per rank and epoch: accumulating two, each epoch's last step has one
+    expected = [2, 1, 2, 1] if accumulated == 2 else [1] * 4
+    assert ranks[0] == ranks[1] and [len(sources) for sources in ranks[0]] == expected
     drawn = {source for sources in ranks[0] for source in sources}
     assert {STUDENT, TEACHER} <= drawn, ranks[0]
