@@ -242,7 +242,7 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _generation_config(
+def generation_config(
     tokenizer: PreTrainedTokenizerBase,
     max_new_tokens: int,
     do_sample: bool,
@@ -300,6 +300,34 @@ def _decode_new_tokens(tokenizer: PreTrainedTokenizerBase, new_tokens: torch.Ten
 
 
 @torch.no_grad()
+def generate_ids(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: GenerationConfig,
+    *,
+    seed: int | None = None,
+    synced_gpus: bool = False,
+) -> torch.Tensor:
+    """The new token ids of a batch of LEFT-padded prompts, (B, new): what follows a row's first eos is padding.
+
+    The common core of evaluation (``generate``, which decodes them) and of on-policy training (``onpolicy``, which
+    supervises them). With a ``seed``, samples are reproducible and the caller's RNG state is left untouched; the
+    model runs in eval mode and gets its previous mode back. ``synced_gpus=True`` keeps every rank stepping until
+    all ranks are done, which a sharded (FSDP) model needs: each of its forwards is a collective, and a rank that
+    stopped early would leave the others waiting forever.
+    """
+    _check_left_padded(input_ids, attention_mask)
+    with eval_mode(model), _seeded_rng(seed, input_ids.device):
+        sequences = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            synced_gpus=synced_gpus,
+        )  # (B, T + new)
+    return sequences[:, input_ids.shape[1] :]  # (B, new)
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -319,24 +347,16 @@ def generate(
 
     Defaults are the paper's sampling (top_k=0 i.e. no top-k cut, top_p=1, T=1); `do_sample=False` is greedy.
     `no_repeat_ngram_size=n` forbids any n-gram from occurring twice in a row's sequence, prompt included (the
-    paper's evaluation: 6; 0 turns it off).
-    Decoding stops at the tokenizer's eos. With a `seed`, samples are reproducible and the caller's RNG state
-    is left untouched; the model runs in eval mode and gets its previous mode back. `synced_gpus=True` keeps
-    every rank stepping until all ranks are done, which a sharded (FSDP) model needs: each of its forwards is a
-    collective, and a rank that stopped early would leave the others waiting forever.
+    paper's evaluation: 6; 0 turns it off). Decoding stops at the tokenizer's eos; seeding, modes and
+    `synced_gpus` as `generate_ids`.
     """
     _check_left_padded(input_ids, attention_mask)
-    config = _generation_config(
+    config = generation_config(
         tokenizer, max_new_tokens, do_sample, top_k, top_p, temperature, no_repeat_ngram_size
     )
-    with eval_mode(model), _seeded_rng(seed, input_ids.device):
-        sequences = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=config,
-            synced_gpus=synced_gpus,
-        )  # (B, T + new)
-    new_tokens = sequences[:, input_ids.shape[1] :]  # (B, new)
+    new_tokens = generate_ids(
+        model, input_ids, attention_mask, config, seed=seed, synced_gpus=synced_gpus
+    )  # (B, new)
     return _decode_new_tokens(tokenizer, new_tokens)
 
 

@@ -10,6 +10,9 @@ Every term is a token sum over supervised tokens; the sum of the weighted terms 
 supervised tokens of the whole optimizer step, across gradient-accumulation micro-batches and data-parallel ranks
 (``on_before_optimizer_step``), so long and short micro-batches weigh by their tokens, not by their count.
 
+With ``on_policy`` fractions above 0, ``training_step`` first rebuilds a drawn micro-batch on answers the student
+or the teacher generates to its prompts (``distillens.onpolicy``); the objective then supervises those answers.
+
 The teacher is deliberately *not* a submodule: it is never in ``state_dict`` (checkpoints hold the student only),
 never in the optimizer, never switched to train mode by Lightning, and it never receives gradients.
 """
@@ -23,13 +26,14 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 from transformers import PreTrainedModel
 
 from distillens.callbacks import CheckpointOnInterrupt, GenerationEvaluation
 from distillens.distributed import is_sharded, shard_models, sharding_options
-from distillens.evaluation import GenerationSettings
+from distillens.evaluation import GenerationSettings, generation_config
 from distillens.models import (
     ModelSpec,
     check_same_vocabulary,
@@ -39,6 +43,16 @@ from distillens.models import (
     rebuildable,
 )
 from distillens.objective import LayerPairs, LossConfig, Objective, Terms, token_means
+from distillens.onpolicy import (
+    CHOICE_STREAM,
+    REFERENCE,
+    SAMPLING_STREAM,
+    STUDENT,
+    OnPolicyConfig,
+    RolloutWindow,
+    choose_source,
+    roll_out,
+)
 from distillens.optimization import OptimizerConfig, adamw_with_schedule, apply_settings
 from distillens.sampling import draw_seed
 
@@ -53,6 +67,8 @@ class DistillationModule(L.LightningModule):
         layers: the lens layer pairs.
         optimizer: learning rate, weight decay and schedule.
         generation: sampling settings of generation-based evaluation.
+        on_policy: training on the student's own answers (on-policy) or the teacher's (sequence-level KD) for a
+            fraction of the micro-batches.
     """
 
     def __init__(
@@ -63,6 +79,7 @@ class DistillationModule(L.LightningModule):
         layers: LayerPairs | None = None,
         optimizer: OptimizerConfig | None = None,
         generation: GenerationSettings | None = None,
+        on_policy: OnPolicyConfig | None = None,
     ) -> None:
         super().__init__()
         self.student_spec = _as(ModelSpec, student)
@@ -71,7 +88,9 @@ class DistillationModule(L.LightningModule):
         self.layer_pairs = _as(LayerPairs, layers or LayerPairs())
         self.optimizer_config = _as(OptimizerConfig, optimizer or OptimizerConfig())
         self.generation = _as(GenerationSettings, generation or GenerationSettings())
+        self.on_policy = _as(OnPolicyConfig, on_policy or OnPolicyConfig())
         self.loss_config.check(has_teacher=self.teacher_spec is not None)
+        self.on_policy.check(self.teacher_spec is not None, self.loss_config.reads_teacher)
         if self.teacher_spec is not None and self.teacher_spec.lora is not None:
             raise ValueError(
                 "model.teacher.lora: the teacher is frozen and never trained; fold a trained adapter into it with "
@@ -86,6 +105,7 @@ class DistillationModule(L.LightningModule):
                 "layers": asdict(self.layer_pairs),
                 "optimizer": asdict(self.optimizer_config),
                 "generation": asdict(self.generation),
+                "on_policy": asdict(self.on_policy),
             }))
         )  # fmt: skip
         has_own = self.student_spec.tokenizer_source is not None
@@ -96,6 +116,7 @@ class DistillationModule(L.LightningModule):
         self.objective: Objective | None = None  # built with the models, in configure_model
         self._window_tokens = 0  # supervised tokens seen since the last optimizer step (this rank)
         self._window_batches = 0  # micro-batches since the last optimizer step: part of the lens draw's seed
+        self.rollouts = RolloutWindow()  # the sources of this step's micro-batches and their generation cost
         self.val_sums = nn.ModuleDict()  # term -> SumMetric of token sums over the evaluation set
         object.__setattr__(self, "teacher", None)  # not a submodule: see the module docstring
 
@@ -164,10 +185,18 @@ class DistillationModule(L.LightningModule):
         """The objective's terms on one batch: in training the weighted ones (the lens maybe sampled), else all."""
         seed = 0
         if self.training and self.objective.samples_lens:  # the same draw on every rank, and again on resume
-            seed = draw_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_step, self._window_batches)
+            seed = self._draw_seed()
         return self.objective(batch, training=self.training, draw_seed=seed)
 
+    def _draw_seed(self, *stream: int) -> int:
+        """The seed of a draw of this micro-batch: a function of the run's seed, the step, the micro-batch (and
+        ``stream``) only, so the same on every rank and again on resume."""
+        return draw_seed(
+            int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_step, self._window_batches, *stream
+        )
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        batch = self._maybe_roll_out(batch)
         terms = self(batch)
         self._window_tokens += int(terms.tokens)
         self._window_batches += 1
@@ -175,6 +204,27 @@ class DistillationModule(L.LightningModule):
         for name, value in terms.means().items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         return terms.total()
+
+    def _maybe_roll_out(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This micro-batch as drawn: as it is, or rebuilt on the student's or the teacher's answers (onpolicy.py).
+
+        Every rank draws the same source, so under FSDP all ranks generate together (``synced_gpus``).
+        """
+        source = choose_source(self.on_policy, self._draw_seed(CHOICE_STREAM))
+        if source == REFERENCE:
+            self.rollouts.add(source, None)
+            return batch
+        settings = self.on_policy
+        config = generation_config(
+            self.tokenizer, settings.max_new_tokens, True, settings.top_k, settings.top_p, settings.temperature
+        )  # fmt: skip
+        rollout = roll_out(
+            self.student if source == STUDENT else self.teacher, batch, config, source=source,
+            seed=self._draw_seed(SAMPLING_STREAM, self.global_rank),
+            synced_gpus=dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1,
+        )  # fmt: skip
+        self.rollouts.add(source, rollout)
+        return rollout.batch
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Turn the accumulated gradient of token *sums* into the gradient of the step's token *mean*.
@@ -193,6 +243,26 @@ class DistillationModule(L.LightningModule):
                 if param.grad is not None:
                     param.grad.mul_(scale)
         self._window_tokens = self._window_batches = 0
+        self._log_rollouts()
+        self.rollouts = RolloutWindow()
+
+    def _log_rollouts(self) -> None:
+        """The step's fractions of micro-batches answered by the student and by the teacher, its generation time
+        and, on steps that generated, the mean generated length (both averaged over ranks).
+
+        The length goes to the loggers directly: a value logged with ``self.log`` on some steps only would be
+        repeated by Lightning on the steps in between, which generated nothing.
+        """
+        if not self.on_policy.enabled:
+            return
+        metrics = self.rollouts.metrics()
+        length = metrics.pop("gen_length", None)
+        for name, value in metrics.items():
+            self.log(f"train/{name}", float(value), sync_dist=name == "gen_time")
+        if length is not None:  # every rank generated in this step (the same source on every rank)
+            mean = self.trainer.strategy.reduce(torch.tensor(length, device=self.device), reduce_op="mean")
+            for logger in self.loggers:
+                logger.log_metrics({"train/gen_length": float(mean)}, step=self.global_step)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._accumulate_eval(batch)

@@ -273,20 +273,26 @@ class Objective:
         """Every term of the objective on one batch (in training, only the weighted ones, the lens maybe sampled).
 
         Args:
-            batch: input_ids, attention_mask and labels (B, T), optionally position_ids (packed rows).
+            batch: input_ids, attention_mask and labels (B, T), optionally position_ids (packed rows) and
+                has_reference (False: the responses are the student's own answers, with no cross-entropy).
             training: compute what the loss needs; evaluation computes every term the models allow, exactly.
             draw_seed: seed of the sampled lens's draw (``sampling.draw_seed``); unused when nothing is sampled.
         """
         labels = batch["labels"]  # (B, T)
         mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        need_logits = bool(self.config.ce_weight) or not training
+        # False on the student's own generated answers (onpolicy.py): the cross-entropy has no target there
+        has_reference = batch.get("has_reference", True)
+        need_logits = (bool(self.config.ce_weight) and has_reference) or not training
         student_depth = self.student_lens.num_layers if self.teacher is not None else 0
         with self._capture_student(self.student_layers + [student_depth]) as s_hidden:
             s_out = self.student(**inputs, use_cache=False, logits_to_keep=0 if need_logits else 1)
         terms = Terms(tokens=mask.sum(), sums={}, pair_means={}, weights=self.config.weights)
         if need_logits:
             terms.sums["ce"] = cross_entropy_sum(s_out.logits[:, :-1], labels[:, 1:])
+        elif self.config.ce_weight:
+            # no target: the term adds 0, while these tokens still count in the step's token mean
+            terms.sums["ce"] = torch.zeros((), dtype=torch.float32, device=labels.device)
         if self.teacher is None or (training and not self.config.reads_teacher):
             return terms  # plain SFT with a teacher (for initialisation and validation): no teacher forward
         teacher_depth = self.teacher_lens.num_layers

@@ -54,13 +54,16 @@ def check_sampling(pairs_per_step: int | None, token_fraction: float) -> None:
         raise ValueError(f"loss.lens_token_fraction={token_fraction}: use a fraction in (0, 1]")
 
 
-def draw_seed(seed: int, step: int, micro_batch: int) -> int:
+def draw_seed(seed: int, step: int, micro_batch: int, *stream: int) -> int:
     """A 63-bit seed mixed from (run seed, optimizer step, micro-batch index) by numpy's SeedSequence.
 
     Neighbouring steps get unrelated streams (unlike seed + step, which would make step s of seed 1 repeat step s+1
-    of seed 0).
+    of seed 0). ``stream``: further non-negative words naming an independent draw of the same micro-batch (the
+    on-policy choice, a rank's sampling), so that two draws never share their random numbers; without them the
+    seed is the sampled lens's.
     """
-    state = np.random.SeedSequence([seed % 2**63, step, micro_batch]).generate_state(2, dtype=np.uint32)
+    words = [seed % 2**63, step, micro_batch, *stream]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 

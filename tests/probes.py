@@ -6,6 +6,7 @@ PYTHONPATH. They only read: the run trains exactly as it would without them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -53,3 +54,21 @@ class InterruptAt(L.Callback):
     ) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGINT)
+
+
+class RecordSources(L.Callback):
+    """Writes, per rank, who wrote the responses of each optimizer step's micro-batches (``model.on_policy``):
+    ``sources-rank<rank>.json``, a list per step of "reference" / "student" / "teacher"."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.steps: list[list[str]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        self.steps.append(
+            list(pl_module.rollouts.sources)
+        )  # callbacks run before the module resets its window
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"sources-rank{trainer.global_rank}.json").write_text(json.dumps(self.steps))

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distillens"
 LAYERS = [
     {"losses", "structure", "hub", "sampling", "optimization", "console", "evaluation", "resume", "runs"},
     {"lens", "models", "data"},
-    {"distributed", "export"},
+    {"distributed", "export", "onpolicy"},
     {"diagnostics", "objective"},
     {"callbacks"},
     {"module"},

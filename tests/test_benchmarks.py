@@ -65,3 +65,32 @@ def test_profile_times_every_part_of_a_step_and_matches_the_modules_objective(tm
     check = report["grad_check"]
     assert check["loss_relative_difference"] < 5e-2 and check["gradient_cosine"] > 0.99
     assert (tmp_path / "profile_tiny_bf16-mixed.json").is_file()
+
+
+def test_onpolicy_cost_times_each_fraction_and_generates_only_when_drawn(tmp_path):
+    """benchmarks/onpolicy_cost.py's speed part on configs/tiny.yaml (the fits skipped): fraction 0 never generates,
+    fraction 1 generates in every timed round."""
+    import onpolicy_cost
+
+    record = onpolicy_cost.main(
+        [
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+            "--rounds",
+            "1",
+            "--steps",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    speed = record["speed"]
+    assert set(speed) == {0.0, 0.5, 1.0} and record["fits"] == {}
+    assert (
+        speed[0.0]["gen_s"] == 0
+        and speed[0.0]["gen_length"] is None
+        and speed[0.0]["steps_generating"] == "0/1"
+    )
+    assert speed[1.0]["steps_generating"] == "1/1" and 0 < speed[1.0]["gen_length"] <= 64
+    assert all(len(row["seconds"]) == 1 and row["step_s"] > 0 for row in speed.values())
+    assert (tmp_path / "onpolicy" / "onpolicy.json").is_file()

@@ -521,7 +521,7 @@ def test_fit_help_names_the_page_of_each_model_setting(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     _, out, _ = run_in_process(["fit", "--help"], capsys)
     readme = (REPO / "README.md").read_text()
-    for group in ("teacher", "loss", "layers", "optimizer", "generation"):
+    for group in ("teacher", "loss", "layers", "optimizer", "generation", "on_policy"):
         assert f"--model.{group}.help" in out and f"--model.{group}.help" in readme, group
     assert "--model.student.source" in out  # the student's own options are listed inline
 

@@ -34,6 +34,7 @@ CONFIG_DIR = REPO / "configs"
 OVERLAY_DIR = CONFIG_DIR / "trainer"
 OVERLAY_BASE = CONFIG_DIR / "tiny.yaml"
 METHOD_DIR = CONFIG_DIR / "replicate" / "methods"  # loss overlays of the replication study, on any setup
+ON_POLICY_DIR = CONFIG_DIR / "onpolicy"  # on-policy overlays, each for the setup of its name
 PRESET_DIR = CONFIG_DIR / "replicate"  # presets (*.yaml right there) are no CLI configs: test_replicate
 
 
@@ -136,7 +137,7 @@ def config_files() -> list[Path]:
 
 def config_arguments(path: Path) -> tuple[str, ...]:
     """The `--config` arguments that use a file as intended: overlays go on top of the tiny base config."""
-    if OVERLAY_DIR in path.parents or METHOD_DIR in path.parents:
+    if OVERLAY_DIR in path.parents or METHOD_DIR in path.parents or ON_POLICY_DIR in path.parents:
         return ("--config", str(OVERLAY_BASE), "--config", str(path))
     return ("--config", str(path))
 
@@ -235,6 +236,20 @@ def test_paper_setup_takes_each_trainer_overlay_without_changing_the_model(name:
     combined = printed_config("--config", str(CONFIG_DIR / name), "--config", str(overlay))
     assert (combined["model"], combined["data"]) == (alone["model"], alone["data"])
     assert combined["trainer"] != alone["trainer"]
+
+
+@pytest.mark.parametrize("path", sorted(ON_POLICY_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_on_policy_overlay_changes_only_the_on_policy_options_and_run_name_of_its_setup(path: Path) -> None:
+    """configs/onpolicy/<setup>.yaml goes on configs/<setup>.yaml: it turns on model.on_policy and names the run
+    apart, and leaves the setup's model, data and trainer otherwise as they are."""
+    setup = flatten(setup_config(path.name))
+    combined = flatten(printed_config("--config", str(CONFIG_DIR / path.name), "--config", str(path)))
+    changed = {
+        key for key in setup.keys() | combined.keys() if setup.get(key, "<absent>") != combined.get(key)
+    }
+    assert {key.rsplit(".", 1)[0] for key in changed} <= {"model.on_policy", "trainer.logger.init_args"}
+    assert combined["model.on_policy.student_fraction"] > 0
+    assert combined["trainer.logger.init_args.name"] != setup["trainer.logger.init_args.name"]
 
 
 def test_ddp_overlay_turns_on_data_parallelism_on_every_device() -> None:

@@ -1,0 +1,236 @@
+"""On-policy training: micro-batches whose responses are answers sampled from the student or from the teacher.
+
+A student is judged on text it writes itself, but teacher forcing on the data set's reference responses only ever
+shows it prefixes a person wrote (exposure bias, the argument of GKD and MiniLLM). With ``student_fraction`` of the
+training micro-batches, the reference responses are replaced by the student's own sampled answers to the same
+prompts (GKD's lambda); with ``teacher_fraction``, by the teacher's (sequence-level KD). On such a micro-batch the
+final-layer and lens terms are computed as usual, teacher-forced on the new text, on exactly the generated tokens
+(up to and including the eos that ended each answer).
+
+Which micro-batches are replaced is a pure function of (run seed, optimizer step, micro-batch): every data-parallel
+rank replaces the same ones, which a sharded model needs (its generation is a collective), and a resumed run
+replaces what the uninterrupted one did. The answers are sampled under a seed of the same kind (and the rank), so a
+resumed run also generates the same text.
+
+Everything here is plain torch and transformers (no Lightning): ``choose_source`` draws the kind of a micro-batch,
+``roll_out`` generates the answers and ``rebuild`` turns a training batch plus generated ids into the batch that
+supervises them; ``RolloutWindow`` adds up what a logger shows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel
+
+from distillens.data.collate import pad_sequences, position_ids_from_mask
+from distillens.evaluation import generate_ids
+from distillens.losses import IGNORE_INDEX
+
+REFERENCE, STUDENT, TEACHER = "reference", "student", "teacher"
+"""Who wrote a micro-batch's responses: the data set, the student (on-policy) or the teacher (sequence-level KD)."""
+CHOICE_STREAM = 1
+"""``sampling.draw_seed`` stream of the choice of a micro-batch's source (0 is the sampled lens's)."""
+SAMPLING_STREAM = 2
+"""``sampling.draw_seed`` stream of the answers' sampling, followed by the rank."""
+HAS_REFERENCE = "has_reference"
+"""Batch key set to False on a batch of student answers: the cross-entropy term has no target there."""
+
+
+@dataclass
+class OnPolicyConfig:
+    """Training on generated answers, the student's own (on-policy) or the teacher's (sequence-level KD).
+
+    A seeded random fraction of the training micro-batches has its reference responses replaced by answers sampled
+    from the student (GKD's lambda) or from the teacher; the final-layer and lens terms supervise those answers."""
+
+    student_fraction: float = 0.0
+    """Fraction of training micro-batches whose responses are replaced by the student's sampled answers to the same
+    prompts (GKD's lambda); 0 never does (the paper's training)."""
+    teacher_fraction: float = 0.0
+    """Fraction of training micro-batches whose responses are replaced by the teacher's sampled answers
+    (sequence-level KD); student_fraction + teacher_fraction must be at most 1."""
+    max_new_tokens: int = 64
+    """Longest generated answer in tokens; an answer cut here has no eos and is supervised as it stands."""
+    temperature: float = 1.0
+    """Sampling temperature of the generated answers."""
+    top_k: int = 0
+    """Top-k filter of the generated answers; 0 disables it."""
+    top_p: float = 1.0
+    """Nucleus filter of the generated answers; 1 disables it."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any micro-batch may be replaced (otherwise training is exactly the reference-only path)."""
+        return self.student_fraction > 0 or self.teacher_fraction > 0
+
+    def check(self, has_teacher: bool, reads_teacher: bool) -> None:
+        """One clear line for a fraction or sampling setting that cannot work."""
+        for name in ("student_fraction", "teacher_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"model.on_policy.{name}={value}: use a fraction in [0, 1]")
+        if self.student_fraction + self.teacher_fraction > 1.0:
+            raise ValueError(
+                f"model.on_policy: student_fraction + teacher_fraction = "
+                f"{self.student_fraction + self.teacher_fraction:g} > 1; the two fractions share the micro-batches"
+            )
+        if self.teacher_fraction and not has_teacher:
+            raise ValueError("model.on_policy.teacher_fraction > 0 needs model.teacher to write the answers")
+        if self.enabled and not reads_teacher:
+            raise ValueError(
+                "model.on_policy needs a teacher term (model.loss.kd_weight, lens_weight or mse_weight > 0): "
+                "generated answers have no reference for the cross-entropy"
+            )
+        if self.max_new_tokens < 1 or self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"model.on_policy: max_new_tokens={self.max_new_tokens}, temperature={self.temperature}, "
+                f"top_k={self.top_k}, top_p={self.top_p}: use max_new_tokens >= 1, temperature > 0, top_k >= 0 "
+                "and top_p in (0, 1]"
+            )
+
+
+def choose_source(config: OnPolicyConfig, seed: int) -> str:
+    """Who writes this micro-batch's responses: one uniform draw u under ``seed`` (``sampling.draw_seed`` of the
+    run seed, step, micro-batch and ``CHOICE_STREAM``): the student if u < student_fraction, the teacher if
+    u < student_fraction + teacher_fraction, else the data set. Nothing is drawn when both fractions are 0."""
+    if not config.enabled:
+        return REFERENCE
+    u = float(
+        torch.rand((), generator=torch.Generator().manual_seed(seed))
+    )  # on the CPU: the same on every device
+    if u < config.student_fraction:
+        return STUDENT
+    if u < config.student_fraction + config.teacher_fraction:
+        return TEACHER
+    return REFERENCE
+
+
+def prompt_lengths(batch: dict[str, Tensor]) -> Tensor:
+    """(B,) each right-padded row's prompt length: its leading run of IGNORE_INDEX labels (the whole row when
+    nothing is supervised)."""
+    supervised = batch["labels"] != IGNORE_INDEX  # (B, T)
+    first = supervised.int().argmax(dim=1)  # (B,) first supervised position (0 when there is none)
+    return torch.where(supervised.any(dim=1), first, batch["attention_mask"].sum(dim=1))  # (B,)
+
+
+def left_padded_prompts(batch: dict[str, Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    """The prompts of a right-padded training batch, left-padded for generation: input ids and attention mask."""
+    mask = batch["attention_mask"]  # (B, T)
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("on-policy training needs right-padded training rows (TrainingCollator's)")
+    if "position_ids" in batch and bool((batch["position_ids"] != position_ids_from_mask(mask)).any()):
+        raise ValueError("on-policy training needs one example per row: a packed row has no single prompt")
+    lengths = prompt_lengths(batch).tolist()
+    prompts = [row[:length] for row, length in zip(batch["input_ids"], lengths, strict=True)]
+    input_ids, attention_mask = pad_sequences(prompts, pad_id, "left", None)  # (B, P), (B, P)
+    device = batch["input_ids"].device
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def answer_lengths(new_ids: Tensor, eos_id: int) -> Tensor:
+    """(B,) tokens of each generated answer up to and including its first eos; all of them when it has none
+    (an answer cut at max_new_tokens)."""
+    is_eos = new_ids == eos_id  # (B, G)
+    first = is_eos.int().argmax(dim=1)  # (B,) first eos (0 when there is none)
+    return torch.where(is_eos.any(dim=1), first + 1, new_ids.shape[1])  # (B,)
+
+
+def rebuild(
+    batch: dict[str, Tensor], new_ids: Tensor, lengths: Tensor, pad_id: int, *, has_reference: bool
+) -> dict[str, Tensor | bool]:
+    """The training batch whose responses are the generated answers: each row its prompt then its answer's first
+    ``lengths`` tokens, right-padded, with labels on exactly those answer tokens, as ``TrainingCollator`` pads a
+    row of the same ids.
+
+    Args:
+        batch: the right-padded training batch the prompts come from.
+        new_ids: (B, G) the generated ids (what follows an answer's eos is ignored).
+        lengths: (B,) the answers' lengths (``answer_lengths``).
+        pad_id: the padding id of the data's collator.
+        has_reference: False for the student's own answers, on which the cross-entropy term has no target.
+    """
+    prompts = prompt_lengths(batch).tolist()
+    rows = [
+        torch.cat([ids[:prompt], answer[:length]])
+        for ids, prompt, answer, length in zip(
+            batch["input_ids"], prompts, new_ids, lengths.tolist(), strict=True
+        )
+    ]
+    input_ids, attention_mask = pad_sequences(rows, pad_id, "right", None)  # (B, T'), (B, T')
+    in_prompt = torch.arange(input_ids.shape[1]) < torch.tensor(prompts)[:, None]  # (B, T')
+    labels = input_ids.masked_fill(in_prompt | (attention_mask == 0), IGNORE_INDEX)  # (B, T')
+    device = batch["input_ids"].device
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "labels": labels.to(device),
+        "position_ids": position_ids_from_mask(attention_mask).to(device),  # (B, T')
+        HAS_REFERENCE: has_reference,
+    }
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A micro-batch rebuilt on generated answers, and what producing it cost."""
+
+    batch: dict[str, Tensor | bool]
+    lengths: Tensor
+    """(B,) generated tokens of each answer (eos included), all supervised."""
+    seconds: float
+    """Wall time of generation and rebuilding."""
+
+
+def roll_out(
+    model: PreTrainedModel,
+    batch: dict[str, Tensor],
+    config: GenerationConfig,
+    *,
+    source: str,
+    seed: int,
+    synced_gpus: bool,
+) -> Rollout:
+    """``model`` answers the prompts of ``batch`` (no gradient, eval mode, sampled under ``seed``); the rebuilt batch
+    supervises exactly its answers. ``source``: STUDENT or TEACHER; ``config``: eos and pad ids and sampling."""
+    start = time.perf_counter()
+    input_ids, attention_mask = left_padded_prompts(batch, config.pad_token_id)  # (B, P), (B, P)
+    new_ids = generate_ids(
+        model, input_ids, attention_mask, config, seed=seed, synced_gpus=synced_gpus
+    )  # (B, G)
+    lengths = answer_lengths(new_ids, config.eos_token_id)  # (B,)
+    rebuilt = rebuild(batch, new_ids, lengths, config.pad_token_id, has_reference=source != STUDENT)
+    return Rollout(batch=rebuilt, lengths=lengths.cpu(), seconds=time.perf_counter() - start)
+
+
+@dataclass
+class RolloutWindow:
+    """What one optimizer step's micro-batches were (their sources in order) and what their generation cost."""
+
+    sources: list[str] = field(default_factory=list)
+    answers: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, source: str, rollout: Rollout | None) -> None:
+        self.sources.append(source)
+        if rollout is not None:
+            self.answers += rollout.lengths.numel()
+            self.tokens += int(rollout.lengths.sum())
+            self.seconds += rollout.seconds
+
+    def metrics(self) -> dict[str, float]:
+        """on_policy / seq_kd: the fractions of the step's micro-batches answered by the student / the teacher;
+        gen_time: seconds spent generating in the step; gen_length: mean generated answer length (only in steps
+        that generated)."""
+        count = max(len(self.sources), 1)
+        metrics = {
+            "on_policy": self.sources.count(STUDENT) / count,
+            "seq_kd": self.sources.count(TEACHER) / count,
+            "gen_time": self.seconds,
+        }
+        if self.answers:
+            metrics["gen_length"] = self.tokens / self.answers
+        return metrics
