@@ -11,6 +11,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from distillens.checkpoints import check_checkpoint_file
 from distillens.commands import COMMANDS, command_parser, run_command
 from distillens.console import (
     DEBUG_FLAG,
@@ -43,6 +44,12 @@ class DistillensCLI(LightningCLI):
         """fit, validate and test. Not predict: the module has no prediction step (answers to prompts are what
         ``distillens test`` generates, scores and saves), so the subcommand could only fail."""
         return {name: kwargs for name, kwargs in LightningCLI.subcommands().items() if name != "predict"}
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads --ckpt_path right after parsing: a file cut short fails first here, naming the file."""
+        if self.config.get("subcommand"):
+            check_checkpoint_file(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

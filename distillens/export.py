@@ -7,13 +7,13 @@ merged model (a plain Hugging Face folder) or, on request, the adapter folder al
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from distillens.checkpoints import load_checkpoint
 from distillens.models import (
     LoraSpec,
     ModelSpec,
@@ -25,8 +25,6 @@ from distillens.models import (
 )
 
 STUDENT_PREFIX = "student."
-UNREADABLE = (KeyError, RuntimeError, EOFError, pickle.UnpicklingError)
-"""What torch.load raises for a file that is not a checkpoint (a text file gives KeyError, a cut one EOFError)."""
 
 
 def student_from_checkpoint(
@@ -39,14 +37,7 @@ def student_from_checkpoint(
     ``weights_only=True``: it holds tensors and plain values only.
     """
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except UNREADABLE as error:  # torch raises KeyError, RuntimeError... for a file that is not one
-        raise ValueError(
-            f"{path}: not a checkpoint torch can read ({type(error).__name__}: {error})"
-        ) from error
+    checkpoint = load_checkpoint(path)
     if "student_config" not in checkpoint:
         raise ValueError(f"{path}: not a distillens checkpoint (no student_config recorded)")
     hparams = checkpoint.get("hyper_parameters", {})

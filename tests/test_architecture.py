@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "distillens"
 
 LAYERS = [
-    {"losses", "structure", "hub", "sampling", "optimization", "console", "evaluation"},
+    {"losses", "structure", "hub", "checkpoints", "sampling", "optimization", "console", "evaluation"},
     {"lens", "models", "data"},
     {"distributed", "export"},
     {"diagnostics", "objective"},

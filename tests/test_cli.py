@@ -486,3 +486,36 @@ def test_more_cpu_processes_than_cores_is_one_warning(caplog, monkeypatch):
         warn_if_oversubscribed(SimpleNamespace(accelerator=CPUAccelerator(), num_devices=3))
     assert len(caplog.records) == 1
     assert "trainer.devices=3 CPU processes on a machine with 2 core(s)" in caplog.records[0].getMessage()
+
+
+@pytest.fixture
+def cut_checkpoint(tmp_path) -> Path:
+    """A checkpoint cut short at half its size, as a full disk or an interrupted copy leaves it."""
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"student.w": torch.zeros(64, 64)}, "student_config": {}}, whole)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return cut
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "export", "diagnose"])
+def test_a_cut_checkpoint_is_one_error_line_naming_the_file(
+    command, cut_checkpoint, tmp_path, capsys, monkeypatch
+):
+    """Every command reading a checkpoint names the file (torch's own message names none)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = {
+        "fit": ["fit", *tiny_args(tmp_path, tmp_path / "cache"), "--ckpt_path", str(cut_checkpoint)],
+        "validate": ["validate", *tiny_args(tmp_path, tmp_path / "cache"), "--ckpt_path", str(cut_checkpoint)],
+        "export": ["export", str(cut_checkpoint), str(tmp_path / "out")],
+        "diagnose": [
+            "diagnose", "--teacher", str(cut_checkpoint.parent), "--student", str(cut_checkpoint),
+            "--data", str(DATA / "validation.jsonl"), "--out", str(tmp_path / "out"),
+        ],
+    }[command]  # fmt: skip
+    if command == "diagnose":  # the teacher is loaded first: make it cheap, the checkpoint is what fails
+        monkeypatch.setattr("distillens.diagnostics.load_model", lambda spec, teacher=None: None)
+    code, _, err = run_in_process(args, capsys)
+    assert code == 1
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(ERROR_PREFIX), err
+    assert f"{cut_checkpoint}: not a checkpoint torch can read" in err and "cut short" in err

@@ -101,7 +101,7 @@ def read_json_rows(path: Path) -> list[Row]:
 
     Parsed by hand rather than through `datasets` so that a syntax error names the line.
     """
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -118,6 +118,18 @@ def read_json_rows(path: Path) -> list[Row]:
             raise ValueError(f"{path} line {number}: not valid JSON ({error.msg})") from None
         rows.append(_as_row(record, path, number))
     return rows
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's contents; bytes that are not UTF-8 are an error naming the file and the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path} line {line}: not UTF-8 text (byte {data[error.start]:#04x}); save the file as UTF-8"
+        ) from None
 
 
 def _as_row(record: Any, path: Path, number: int) -> Row:
