@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 """Environment variables asking for offline mode (any one set: use the local cache only)."""
+HUB_PROBE_TIMEOUT_S = 3.0
+"""How long the probe waits for the hub: a machine without network fails in seconds, not after the libraries'
+retries (35-60 s of messages)."""
 
 
 def is_hub_id(value: str) -> bool:
@@ -32,6 +37,29 @@ def offline_requested() -> bool:
     """Whether the user asked for offline mode, read now (the libraries read these variables once, at import)."""
     flags = (os.environ.get(name, "") for name in OFFLINE_VARIABLES)
     return any(flag.upper() in {"1", "ON", "YES", "TRUE"} for flag in flags)
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """A quick HEAD on the hub endpoint: whether anything there answers."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s)
+    except urllib.error.HTTPError:
+        return True  # the server answered
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
+
+
+def check_hub_reachable(hub_id: str, field: str) -> None:
+    """The rule data and models share: a hub id is fetched from the hub, so without offline mode the hub must
+    answer the probe; otherwise one line naming the setting (``field``) says what to do instead."""
+    if offline_requested() or hub_reachable():
+        return
+    raise OSError(
+        f"{field}: {hub_id!r} is not a local folder and the Hugging Face hub is unreachable (no network?); "
+        f"download it elsewhere and point {field} at the folder, or set HF_HUB_OFFLINE=1 to use the local cache"
+    )
 
 
 def build_once(folder: Path, build: Callable[[Path], None]) -> None:

@@ -34,7 +34,7 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from distillens.hub import build_once, is_hub_id, offline_requested
+from distillens.hub import build_once, check_hub_reachable, is_hub_id, offline_requested
 from distillens.structure import block_list_name
 
 log = logging.getLogger(__name__)
@@ -202,10 +202,9 @@ def load_model(spec: ModelSpec, teacher: PreTrainedModel | None = None) -> PreTr
 def merge_adapter(model: PreTrainedModel, adapter: str, revision: str | None = None) -> PreTrainedModel:
     """The model with a saved PEFT adapter folded into its weights: a plain model again, as fast as the base."""
     location = _adapter_location(adapter)
+    hub = _hub_options(location, revision)
     with _hub_errors(location, revision):
-        wrapped = PeftModel.from_pretrained(
-            model, location.name, is_trainable=False, **_hub_options(location, revision)
-        )
+        wrapped = PeftModel.from_pretrained(model, location.name, is_trainable=False, **hub)
     return wrapped.merge_and_unload()
 
 
@@ -315,10 +314,24 @@ def _locate(source: str) -> _Location:
     raise FileNotFoundError(f"model source {source!r}: no such folder ({path.absolute()})")
 
 
+def check_hub_sources(spec: ModelSpec, field: str) -> None:
+    """Before anything loads: every hub id a spec names (source, tokenizer, adapter) needs the hub or offline
+    mode, else one line naming ``<field>.<name>`` (e.g. model.teacher.source) comes in seconds."""
+    for name in ("source", "tokenizer", "adapter"):
+        value = getattr(spec, name)
+        local = value is None or value == DEFAULT_TEACHER or Path(value).expanduser().exists()
+        if not local and is_hub_id(value):
+            check_hub_reachable(value, f"{field}.{name}")
+
+
 def _hub_options(location: _Location, revision: str | None) -> dict[str, Any]:
-    """Hub-only arguments; offline mode is read at call time (huggingface_hub reads it once, at import)."""
+    """Hub-only arguments; offline mode is read at call time (huggingface_hub reads it once, at import).
+
+    Probes the hub first, so that a machine without network fails in seconds rather than after the hub
+    client's retries (callers that know the setting's name call `check_hub_sources` earlier)."""
     if not location.is_hub_id:
         return {}
+    check_hub_reachable(location.name, "model source")
     return {"revision": revision, "local_files_only": offline_requested()}
 
 
@@ -462,12 +475,13 @@ def _spec_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
             "ModelSpec has no source: set ModelSpec.tokenizer to say where its tokenizer comes from"
         )
     location = _locate(name)
+    hub = _hub_options(location, spec.revision)
     with _hub_errors(location, spec.revision):
         tokenizer = AutoTokenizer.from_pretrained(
             location.name,
             gguf_file=location.gguf_file,
             trust_remote_code=spec.trust_remote_code,
-            **_hub_options(location, spec.revision),
+            **hub,
         )
     return _with_special_tokens(tokenizer, location.gguf_file)
 

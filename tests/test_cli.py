@@ -11,10 +11,12 @@ import ast
 import dataclasses
 import inspect
 import json
+import logging
 import re
 import subprocess
 import sys
 import textwrap
+import time
 from itertools import islice
 from pathlib import Path
 from unittest import mock
@@ -388,6 +390,19 @@ def test_bad_input_is_one_error_line(case, tmp_path, cache_dir, malformed_yaml, 
     assert expected in lines[0]
 
 
+@pytest.mark.parametrize("case", ["vocabulary mismatch", "unknown model id"])
+def test_a_model_error_after_tokenising_is_still_one_error_line(
+    case, tmp_path, malformed_yaml, capsys, monkeypatch
+):
+    """These fail when the models are built, after the data module has tokenised (a cold cache): what the
+    length filters did is progress on stdout, so stderr still holds the error line alone."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args, expected = bad_args(case, tmp_path, tmp_path / "cold-cache", malformed_yaml)
+    code, out, err = run_in_process(args, capsys)
+    assert code == 1 and err.strip().splitlines() == [err.strip()] and expected in err, err
+    assert "dropped 12 rows with prompts over max_prompt_length=96 tokens" in out  # it did tokenise
+
+
 @pytest.mark.parametrize("case", ["vocabulary mismatch", "malformed yaml"])
 def test_bad_input_raises_with_debug(case, tmp_path, cache_dir, malformed_yaml, monkeypatch):
     """--debug lets the exception out of main(), so Python prints its traceback."""
@@ -519,3 +534,49 @@ def test_a_cut_checkpoint_is_one_error_line_naming_the_file(
     assert code == 1
     assert err.strip().splitlines() == [err.strip()] and err.startswith(ERROR_PREFIX), err
     assert f"{cut_checkpoint}: not a checkpoint torch can read" in err and "cut short" in err
+
+
+def without_offline_mode(monkeypatch) -> None:
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_hub_model_without_network_is_one_line_in_seconds(tmp_path, cache_dir, capsys, monkeypatch):
+    """No network and no offline mode: the probe fails at once (stubbed here: no test touches the network), and
+    the line names the setting and both ways out, instead of the hub client's minute of retries."""
+    without_offline_mode(monkeypatch)
+    probes = []
+    monkeypatch.setattr("distillens.hub.hub_reachable", lambda: probes.append(1) and False)
+    overrides = ["--model.teacher.config", "null", "--model.teacher.source", "HuggingFaceTB/SmolLM2-1.7B"]
+    started = time.perf_counter()
+    code, _, err = run_in_process(["fit", *tiny_args(tmp_path, cache_dir, *overrides)], capsys)
+    assert time.perf_counter() - started < 15 and probes
+    assert code == 1 and err.strip().splitlines() == [err.strip()], err
+    assert (
+        "model.teacher.source: 'HuggingFaceTB/SmolLM2-1.7B' is not a local folder and the Hugging Face hub is "
+        "unreachable" in err
+    )
+    assert "point model.teacher.source at the folder, or set HF_HUB_OFFLINE=1" in err
+
+
+def test_a_library_loggers_record_is_printed_once(capsys):
+    """huggingface_hub gives its logger a stderr handler and lets records propagate to the root, where the
+    CLI's routing handlers are: each record must still reach the console once."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    from distillens.console import route_logging
+
+    library = logging.getLogger("huggingface_hub")
+    own = logging.StreamHandler(sys.stderr)  # as the library adds at import (sys.stderr is capsys's now)
+    saved = library.handlers[:], library.propagate
+    library.handlers[:] = [own]
+    library.propagate = True
+    try:
+        route_logging()
+        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        logging.getLogger("distillens.tests").warning("a record of ours")
+    finally:
+        library.handlers[:], library.propagate = saved
+    err = capsys.readouterr().err
+    assert err.count("Retrying in 1s [Retry 1/5].") == 1, err
+    assert err.count("a record of ours") == 1, err

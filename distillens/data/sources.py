@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,14 +15,13 @@ from typing import Any
 
 import datasets
 
-from distillens.hub import is_hub_id, offline_requested
+from distillens.hub import hub_reachable, is_hub_id, offline_requested
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 VALIDATION_STEMS = ("validation", "valid", "val", "dev")
 # File stems a folder source looks for, best first; MiniLLM's evaluation folders hold only `valid.jsonl`.
 SPLIT_FILE_STEMS = {"train": ("train",), "validation": VALIDATION_STEMS, "test": ("test", *VALIDATION_STEMS)}
 GENERIC_STEMS = {"train", "test", "data", *VALIDATION_STEMS}
-HUB_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -151,18 +147,6 @@ def read_table_rows(path: Path, cache_dir: Path) -> list[Row]:
 def hub_offline() -> bool:
     """Whether the user asked for offline mode: in the environment now, or in `datasets`' settings."""
     return offline_requested() or datasets.config.HF_HUB_OFFLINE
-
-
-def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """A quick HEAD on the hub endpoint, so that no-network machines fail in seconds, not after long retries."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s)
-    except urllib.error.HTTPError:
-        return True  # the server answered
-    except (urllib.error.URLError, OSError):
-        return False
-    return True
 
 
 @contextmanager
