@@ -580,3 +580,27 @@ def test_a_library_loggers_record_is_printed_once(capsys):
     err = capsys.readouterr().err
     assert err.count("Retrying in 1s [Retry 1/5].") == 1, err
     assert err.count("a record of ours") == 1, err
+
+
+def test_exports_prompt_as_training_did_and_replace_a_folder_only_when_asked(fitted, tmp_path, capsys):
+    """configs/tiny.yaml trains on Alpaca prompts: the end-of-fit export and `distillens export` of its checkpoint
+    give a chat pipeline those prompts (not SmolLM2's ChatML); a second export into the same folder needs
+    --overwrite, which `distillens export --help` documents."""
+    from distillens.data.formats import Example
+    from distillens.data.templates import make_prompt_renderer
+
+    cli, run = fitted
+    assert cli.datamodule.template == "alpaca"
+    instruction = "Name three primary colours."
+    trained = make_prompt_renderer("alpaca", cli.model.tokenizer)(Example(instruction, "", "", ("",)))
+    checkpoint, out = run / "checkpoints" / "last.ckpt", tmp_path / "exported"
+    assert run_in_process(["export", str(checkpoint), str(out)], capsys)[0] == 0
+    for folder in (run / "student", out):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        messages = [{"role": "user", "content": instruction}]
+        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == trained
+        assert tokenizer.model_max_length == 512  # configs/tiny.yaml's max_position_embeddings
+    code, _, err = run_in_process(["export", str(checkpoint), str(out)], capsys)
+    assert code == 1 and f"export folder {out} is not empty" in err and "--overwrite" in err
+    assert run_in_process(["export", str(checkpoint), str(out), "--overwrite"], capsys)[0] == 0
+    assert "--overwrite" in run_in_process(["export", "--help"], capsys)[1]
