@@ -308,7 +308,9 @@ def test_diagnose_on_a_checkpoint_defaults_to_the_pairs_and_template_it_trained_
     templates = []
     batches = diagnostics.labelled_batches
     monkeypatch.setattr(
-        diagnostics, "labelled_batches", lambda *a, **kw: templates.append(kw["template"]) or batches(*a, **kw)
+        diagnostics,
+        "labelled_batches",
+        lambda *a, **kw: templates.append(kw["template"]) or batches(*a, **kw),
     )
     args = diagnose_args(model_folders, str(layer_subset_checkpoint), tmp_path / "out", tmp_path / "cache")
     main([*args, *options])

@@ -83,3 +83,17 @@ def test_a_non_empty_folder_is_replaced_only_when_asked_and_only_if_it_holds_an_
     with pytest.raises(FileExistsError, match="holds no earlier export"):
         export_student(student, smollm2_tokenizer, other, overwrite=True)
     assert (other / "mine.txt").is_file()
+
+
+def test_the_end_of_fit_export_told_not_to_overwrite_fails_when_fit_starts(tmp_path):
+    """Not after the training: a folder it may not write is reported before the first step."""
+    from types import SimpleNamespace
+
+    from distillens.callbacks import ExportStudent
+
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "config.json").write_text("{}")
+    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True)
+    ExportStudent(overwrite=True).on_fit_start(trainer, None)  # the default: a re-run replaces its own export
+    with pytest.raises(FileExistsError, match="overwrite: true"):
+        ExportStudent(overwrite=False).on_fit_start(trainer, None)
