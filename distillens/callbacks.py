@@ -219,13 +219,21 @@ class ExportStudent(L.Callback):
         self.overwrite = overwrite
 
     def folder(self, trainer) -> Path:
+        """The target folder; every rank must call this (``trainer.log_dir`` is a broadcast from rank 0)."""
         return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "student")
 
     def on_fit_start(self, trainer, pl_module) -> None:
         from distillens.models import check_export_folder
 
+        folder, problem = self.folder(trainer), None
         if trainer.is_global_zero:  # a folder that cannot be written fails now, not after training
-            check_export_folder(self.folder(trainer), self.overwrite)
+            try:
+                check_export_folder(folder, self.overwrite)
+            except OSError as error:
+                problem = error
+        problem = trainer.strategy.broadcast(problem)  # every rank stops, not rank 0 alone
+        if problem is not None:
+            raise problem
 
     def on_fit_end(self, trainer, pl_module) -> None:
         from distillens.distributed import consolidated_model

@@ -93,7 +93,10 @@ def test_the_end_of_fit_export_told_not_to_overwrite_fails_when_fit_starts(tmp_p
 
     (tmp_path / "student").mkdir()
     (tmp_path / "student" / "config.json").write_text("{}")
-    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True)
+    strategy = SimpleNamespace(broadcast=lambda value: value)  # one process
+    trainer = SimpleNamespace(
+        log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True, strategy=strategy
+    )
     ExportStudent(overwrite=True).on_fit_start(trainer, None)  # the default: a re-run replaces its own export
     with pytest.raises(FileExistsError, match="overwrite: true"):
         ExportStudent(overwrite=False).on_fit_start(trainer, None)
