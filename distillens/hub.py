@@ -1,7 +1,8 @@
 """What loading data and models from the Hugging Face hub, and caching what they build, have in common.
 
 Kept apart from `data` and `models` (and importing nothing from distillens) so that both tell hub ids from local
-paths by one rule, read offline mode from the same variables, and publish a built folder the same safe way.
+paths by one rule, read offline mode from the same variables, probe the hub the same quick way before a download
+(no network: one line in seconds, not a minute of retries), and publish a built folder the same safe way.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -40,8 +42,20 @@ def offline_requested() -> bool:
 
 
 def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """A quick HEAD on the hub endpoint: whether anything there answers."""
+    """A quick HEAD on the hub endpoint: whether anything there answers within ``timeout_s``.
+
+    Run in a thread and waited for at most ``timeout_s`` (plus a second): the socket's timeout does not bound
+    the name lookup, which a machine whose DNS server does not answer may spend much longer on.
+    """
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    answers: list[bool] = []
+    probe = threading.Thread(target=lambda: answers.append(_answers(endpoint, timeout_s)), daemon=True)
+    probe.start()
+    probe.join(timeout_s + 1)
+    return bool(answers and answers[0])
+
+
+def _answers(endpoint: str, timeout_s: float) -> bool:
     try:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s)
     except urllib.error.HTTPError:
