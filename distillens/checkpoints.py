@@ -31,6 +31,8 @@ def check_checkpoint_file(path: str | Path | None) -> None:
     if path is None or str(path) in LIGHTNING_CKPT_NAMES or str(path).startswith("registry:"):
         return
     file = Path(path)
+    if "://" in str(path) or file.is_dir():  # remote (fsspec) files, sharded checkpoints: Lightning's to read
+        return
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {file} does not exist")
     try:
@@ -56,6 +58,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def _unreadable(path: Path, error: BaseException) -> ValueError:
     reason = (str(error).strip().splitlines() or [""])[0]
-    size = path.stat().st_size if path.is_file() else 0
-    hint = "; it may have been cut short (a full disk, an interrupted copy)" if size else " (an empty file)"
+    hint = ""
+    if path.is_file():
+        cut = "; it may have been cut short (a full disk, an interrupted copy)"
+        hint = cut if path.stat().st_size else " (an empty file)"
     return ValueError(f"{path}: not a checkpoint torch can read ({type(error).__name__}: {reason}){hint}")
