@@ -322,8 +322,9 @@ def check_hub_sources(spec: ModelSpec, field: str) -> None:
     mode, else one line naming ``<field>.<name>`` (e.g. model.teacher.source) comes in seconds."""
     for name in ("source", "tokenizer", "adapter"):
         value = getattr(spec, name)
-        local = value is None or value == DEFAULT_TEACHER or Path(value).expanduser().exists()
-        if not local and is_hub_id(value):
+        if value is None or value == DEFAULT_TEACHER or Path(value).suffix == ".gguf":
+            continue  # not a download: the loader reports a missing GGUF file itself
+        if not Path(value).expanduser().exists() and is_hub_id(value):
             check_hub_reachable(value, f"{field}.{name}")
 
 
