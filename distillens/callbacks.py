@@ -363,25 +363,52 @@ class ExportStudent(L.Callback):
     A student sharded by FSDP is gathered into one ordinary model first (every rank takes part), so the folder is
     the same single Hugging Face folder a one-process run writes.
 
-    A LoRA student is written merged (a plain model); ``adapter_only`` writes its adapter folder instead.
+    A LoRA student is written merged (a plain model); ``adapter_only`` writes its adapter folder instead. The
+    tokenizer's chat template renders the prompts the student was trained on (the data module's template).
 
     Args:
         dirpath: target folder; default ``<run folder>/student``.
         adapter_only: for a LoRA student, save the adapter alone rather than the merged model.
+        overwrite: replace an earlier export in the folder (a re-run of the same run replaces its own); false
+            refuses a non-empty folder when fit starts. A non-empty folder without an export is always refused.
     """
 
-    def __init__(self, dirpath: str | None = None, adapter_only: bool = False) -> None:
+    def __init__(
+        self, dirpath: str | None = None, adapter_only: bool = False, overwrite: bool = True
+    ) -> None:
         self.dirpath = dirpath
         self.adapter_only = adapter_only
+        self.overwrite = overwrite
+
+    def folder(self, trainer) -> Path:
+        """The target folder; every rank must call this (``trainer.log_dir`` is a broadcast from rank 0)."""
+        return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "student")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from distillens.models import check_export_folder
+
+        folder, problem = self.folder(trainer), None
+        if trainer.is_global_zero:  # a folder that cannot be written fails now, not after training
+            try:
+                check_export_folder(folder, self.overwrite)
+            except OSError as error:
+                problem = error
+        problem = trainer.strategy.broadcast(problem)  # every rank stops, not rank 0 alone
+        if problem is not None:
+            raise problem
 
     def on_fit_end(self, trainer, pl_module) -> None:
         from distillens.distributed import consolidated_model
-        from distillens.models import export_student
+        from distillens.export import export_trained_student
 
-        folder = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "student")
+        folder = self.folder(trainer)
+        template = getattr(trainer.datamodule, "template", None)
         student = consolidated_model(pl_module.student)  # a collective when sharded; None off rank 0
         if trainer.is_global_zero:
-            export_student(student, pl_module.tokenizer, folder, adapter_only=self.adapter_only)
+            export_trained_student(
+                student, pl_module.tokenizer, folder, template=template,
+                adapter_only=self.adapter_only, overwrite=self.overwrite,
+            )  # fmt: skip
             print(f"student exported to {folder}")
 
 

@@ -12,6 +12,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from distillens.callbacks import count_steps_in_progress_bar
+from distillens.checkpoints import check_checkpoint_file
 from distillens.commands import COMMANDS, command_parser, run_command
 from distillens.console import (
     DEBUG_FLAG,
@@ -48,8 +49,11 @@ class DistillensCLI(LightningCLI):
         return {name: kwargs for name, kwargs in LightningCLI.subcommands().items() if name != "predict"}
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning would overwrite the parsed settings with the checkpoint's: here what the user wrote wins, and
-        the checkpoint is checked against it once the trainer exists (``_resolve_ckpt_path``, distillens/resume.py)."""
+        """Lightning would overwrite the parsed settings with the checkpoint's: here what the user wrote wins. A file
+        cut short fails first, naming the file; the checkpoint is checked against the configured models once the
+        trainer exists (``_resolve_ckpt_path``, distillens/resume.py)."""
+        if self.config.get("subcommand"):
+            check_checkpoint_file(self.config[self.config.subcommand].get("ckpt_path"))
 
     def before_instantiate_classes(self) -> None:
         """Every file of the launch under the run's root, evaluation launches in a folder of their own (runs.py)."""

@@ -114,12 +114,37 @@ class _CurrentStream(logging.StreamHandler):
         pass  # always the current sys stream
 
 
+def not_yet_printed(record: logging.LogRecord) -> bool:
+    """Whether no console handler between the record's logger and the root has printed it already.
+
+    A library that gives its logger a stream handler and lets it propagate (huggingface_hub does) would otherwise
+    have every record printed twice: by its handler, then by the root's.
+    """
+    logger = logging.root.manager.loggerDict.get(record.name)
+    while isinstance(logger, logging.Logger) and logger is not logging.root:
+        if any(_prints_to_console(handler, record) for handler in logger.handlers):
+            return False
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    return True
+
+
+def _prints_to_console(handler: logging.Handler, record: logging.LogRecord) -> bool:
+    return (
+        isinstance(handler, logging.StreamHandler)
+        and not isinstance(handler, logging.FileHandler | _CurrentStream)
+        and record.levelno >= handler.level
+    )
+
+
 def route_logging() -> None:
     """Progress messages (below WARNING) to stdout, warnings and errors to stderr; once per process.
 
     Lightning gave its loggers their own stderr handlers when it was imported (the root logger had none yet):
     they now propagate to the root handlers instead, as Lightning does when the root logger is configured first.
-    Other libraries log warnings only, which belong on stderr anyway.
+    Other libraries (huggingface_hub, torchmetrics) keep their own console handlers, which may be added after this
+    runs: the root handlers skip a record one of those has already printed (`not_yet_printed`).
     """
     root = logging.getLogger()
     if not any(isinstance(handler, _CurrentStream) for handler in root.handlers):
@@ -127,6 +152,7 @@ def route_logging() -> None:
         progress.addFilter(lambda record: record.levelno < logging.WARNING)
         problems.setLevel(logging.WARNING)
         for handler in (progress, problems):
+            handler.addFilter(not_yet_printed)
             handler.setFormatter(logging.Formatter("%(message)s"))
             root.addHandler(handler)
         root.setLevel(logging.INFO)

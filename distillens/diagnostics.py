@@ -33,10 +33,11 @@ from transformers import PreTrainedModel
 
 from distillens.data import InstructionDataModule
 from distillens.evaluation import eval_mode
-from distillens.export import student_from_checkpoint
+from distillens.export import student_and_checkpoint
 from distillens.lens import LogitLens
 from distillens.losses import IGNORE_INDEX, get_token_divergence, log_probs
 from distillens.models import ModelSpec, check_same_vocabulary, load_model, load_tokenizer
+from distillens.objective import LayerPairs
 
 QUANTITIES = ("divergence", "student_entropy", "teacher_entropy", "student_top1", "teacher_top1")
 """Per-depth values of a report, in the order they are accumulated."""
@@ -90,25 +91,31 @@ def lens_diagnostics(
     *,
     divergence: str = "jsd",
     chunk_size: int = 256,
+    pairs: tuple[list[int], list[int]] | None = None,
 ) -> LensReport:
     """Diagnostics over teacher-forced `batches` (dicts with `input_ids`, `attention_mask`, `labels`).
 
+    ``pairs`` (student, teacher hidden-state indices) chooses the depths compared, e.g. the pairs a run trained
+    with; None compares every student depth with the teacher's at the same relative depth.
     Only supervised positions are projected to the vocabulary, `chunk_size` rows at a time, so memory holds a few
     (chunk_size, V) blocks whatever the number of tokens or depths.
     """
     token_divergence = get_token_divergence(divergence)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: must be at least 1")
-    student_layers = list(range(student.num_layers + 1))
-    teacher_layers = proportional_depths(student.num_layers, teacher.num_layers)
-    sums = torch.zeros(len(QUANTITIES), len(student_layers), dtype=torch.float64)  # (Q, L_S + 1)
+    student_layers, teacher_layers = pairs or (
+        list(range(student.num_layers + 1)),
+        proportional_depths(student.num_layers, teacher.num_layers),
+    )
+    sums = torch.zeros(len(QUANTITIES), len(student_layers), dtype=torch.float64)  # (Q, pairs)
     tokens = 0
     with eval_mode(student.model), eval_mode(teacher.model):
         for batch in batches:
-            s_rows = _supervised_rows(student, batch, student_layers)  # layer -> (N, d_S)
+            s_rows = _supervised_rows(student, batch, sorted(set(student_layers)))  # layer -> (N, d_S)
             t_rows = _supervised_rows(teacher, batch, sorted({*teacher_layers, teacher.num_layers}))
-            tokens += len(s_rows[0])
-            for start in range(0, len(s_rows[0]), chunk_size):
+            supervised = len(t_rows[teacher.num_layers])
+            tokens += supervised
+            for start in range(0, supervised, chunk_size):
                 rows = slice(start, start + chunk_size)
                 answer = teacher.logits(t_rows[teacher.num_layers][rows]).argmax(-1)  # (n,)
                 for k, (i, j) in enumerate(zip(student_layers, teacher_layers, strict=True)):
@@ -123,7 +130,7 @@ def lens_diagnostics(
             f"no supervised token in the batches: every label is {IGNORE_INDEX}, nothing to diagnose"
         )
     means = (sums / tokens).tolist()
-    return LensReport(divergence, student_layers, teacher_layers, *means, tokens=tokens)
+    return LensReport(divergence, list(student_layers), list(teacher_layers), *means, tokens=tokens)
 
 
 def _supervised_rows(lens: LogitLens, batch: dict[str, Tensor], layers: list[int]) -> dict[int, Tensor]:
@@ -213,10 +220,11 @@ LAYERS_PREFIX = "layers:"
 """A student spec `layers:0,6,29` is a fresh copy of those teacher blocks (a student before distillation)."""
 
 
-def load_student(spec: str, teacher: PreTrainedModel) -> PreTrainedModel:
-    """A student from a `distillens fit` checkpoint (.ckpt), `layers:i,j,...` of the teacher, or a model source."""
+def load_student(spec: str, teacher: PreTrainedModel) -> tuple[PreTrainedModel, dict[str, Any] | None]:
+    """A student from a `distillens fit` checkpoint (.ckpt), `layers:i,j,...` of the teacher, or a model source,
+    and the checkpoint if it came from one (its run's layer pairs and data settings)."""
     if spec.endswith(".ckpt"):
-        return student_from_checkpoint(spec)[0]
+        return student_and_checkpoint(spec)
     if spec.startswith(LAYERS_PREFIX):
         text = spec.removeprefix(LAYERS_PREFIX)
         try:
@@ -225,8 +233,32 @@ def load_student(spec: str, teacher: PreTrainedModel) -> PreTrainedModel:
             raise ValueError(
                 f"student spec {spec!r}: expected layers:i,j,... with integer block indices"
             ) from None
-        return load_model(ModelSpec(init_from_teacher_layers=layers), teacher=teacher)
-    return load_model(ModelSpec(source=spec))
+        return load_model(ModelSpec(init_from_teacher_layers=layers), teacher=teacher), None
+    return load_model(ModelSpec(source=spec)), None
+
+
+def diagnosed_pairs(
+    student: LogitLens,
+    teacher: LogitLens,
+    checkpoint: dict[str, Any] | None,
+    student_layers: list[int] | None,
+    teacher_layers: list[int] | None,
+    every_depth: bool,
+) -> tuple[list[int], list[int]] | None:
+    """The pairs `diagnose` compares: the ones asked for; else a checkpoint's, as its run trained with them (its
+    layer pairs, resolved against its layer-subset student's copied blocks as training resolved them); else
+    None, every depth at the same relative depth."""
+    if every_depth and (student_layers or teacher_layers):
+        raise ValueError("diagnose: give either every_depth or student_layers/teacher_layers, not both")
+    if student_layers or teacher_layers:
+        asked = LayerPairs(student=list(student_layers or []), teacher=list(teacher_layers or []))
+        return asked.resolve(student.num_layers, teacher.num_layers)
+    if every_depth or checkpoint is None:
+        return None
+    hparams = checkpoint.get("hyper_parameters", {})
+    copied_from = (hparams.get("student") or {}).get("init_from_teacher_layers")
+    trained = LayerPairs(**hparams.get("layers") or {})
+    return trained.resolve(student.num_layers, teacher.num_layers, copied_from=copied_from)
 
 
 def labelled_batches(data: str, tokenizer, **data_options: Any) -> Iterable[dict[str, Tensor]]:
@@ -244,11 +276,14 @@ def diagnose(
     out: str,
     *,
     divergence: str = "jsd",
+    student_layers: list[int] | None = None,
+    teacher_layers: list[int] | None = None,
+    every_depth: bool = False,
     max_samples: int = 32,
     batch_size: int = 4,
     max_length: int = 512,
     max_prompt_length: int = 256,
-    template: str = "alpaca",
+    template: str | None = None,
     cache_dir: str = "data/cache",
 ) -> tuple[Path, Path]:
     """Lens diagnostics of a student against its teacher on a data file: lens_diagnostics.png and .json.
@@ -262,22 +297,30 @@ def diagnose(
         data: a data file or folder the data module reads
         out: folder for lens_diagnostics.png and .json
         divergence: divergence between lens distributions
+        student_layers: student hidden-state indices to compare, paired with teacher_layers; unset: a .ckpt's
+            own training pairs, else every depth
+        teacher_layers: teacher hidden-state indices paired with student_layers
+        every_depth: compare every student depth with the teacher's at the same relative depth, even for a .ckpt
         max_samples: examples to use (the first ones)
         batch_size: examples per forward pass
         max_length: longest prompt + response in tokens
         max_prompt_length: longest prompt in tokens (rows with longer prompts are dropped)
-        template: alpaca, chat, or a string with {instruction}
+        template: alpaca, chat, or a string with {instruction}; unset: a .ckpt's training template, else alpaca
         cache_dir: folder for the tokenised data
     """
     teacher_spec = ModelSpec(source=teacher)
     teacher_model = load_model(teacher_spec)
-    student_model = load_student(student, teacher_model)
+    student_model, checkpoint = load_student(student, teacher_model)
     check_same_vocabulary(student_model, teacher_model)
+    student_lens, teacher_lens = LogitLens(student_model), LogitLens(teacher_model)
+    pairs = diagnosed_pairs(
+        student_lens, teacher_lens, checkpoint, student_layers, teacher_layers, every_depth
+    )
+    trained_template = ((checkpoint or {}).get("datamodule_hyper_parameters") or {}).get("template")
     batches = labelled_batches(
         data, load_tokenizer(teacher_spec), max_samples=max_samples, batch_size=batch_size,
-        max_length=max_length, max_prompt_length=max_prompt_length, template=template, cache_dir=cache_dir,
+        max_length=max_length, max_prompt_length=max_prompt_length,
+        template=template or trained_template or "alpaca", cache_dir=cache_dir,
     )  # fmt: skip
-    report = lens_diagnostics(
-        LogitLens(student_model), LogitLens(teacher_model), batches, divergence=divergence
-    )
+    report = lens_diagnostics(student_lens, teacher_lens, batches, divergence=divergence, pairs=pairs)
     return save_lens_diagnostics(report, out)

@@ -7,46 +7,51 @@ merged model (a plain Hugging Face folder) or, on request, the adapter folder al
 
 from __future__ import annotations
 
-import pickle
+import copy
+import logging
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from distillens.checkpoints import load_checkpoint
+from distillens.data.templates import chat_template_for
 from distillens.models import (
     LoraSpec,
     ModelSpec,
     add_lora,
+    check_export_folder,
     export_student,
     load_model,
     load_tokenizer,
     merged_copy,
 )
 
+log = logging.getLogger(__name__)
+
 STUDENT_PREFIX = "student."
-UNREADABLE = (KeyError, RuntimeError, EOFError, pickle.UnpicklingError)
-"""What torch.load raises for a file that is not a checkpoint (a text file gives KeyError, a cut one EOFError)."""
 
 
 def student_from_checkpoint(
     checkpoint_path: str | Path, *, keep_adapter: bool = False
 ) -> tuple[PreTrainedModel | PeftModel, dict]:
-    """The student model of a checkpoint and the checkpoint's hparams.
+    """The student model of a checkpoint and the checkpoint's hparams (see `student_and_checkpoint`)."""
+    student, checkpoint = student_and_checkpoint(checkpoint_path, keep_adapter=keep_adapter)
+    return student, checkpoint.get("hyper_parameters", {})
+
+
+def student_and_checkpoint(
+    checkpoint_path: str | Path, *, keep_adapter: bool = False
+) -> tuple[PreTrainedModel | PeftModel, dict]:
+    """The student model of a checkpoint and the checkpoint itself (its hparams, its data module's hparams).
 
     A full student is built from the architecture the checkpoint records; a LoRA student from its source plus the
     checkpoint's adapters, returned merged (a plain model) unless ``keep_adapter``. The checkpoint is read with
     ``weights_only=True``: it holds tensors and plain values only.
     """
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except UNREADABLE as error:  # torch raises KeyError, RuntimeError... for a file that is not one
-        raise ValueError(
-            f"{path}: not a checkpoint torch can read ({type(error).__name__}: {error})"
-        ) from error
+    checkpoint = load_checkpoint(path)
     if "student_config" not in checkpoint:
         raise ValueError(f"{path}: not a distillens checkpoint (no student_config recorded)")
     hparams = checkpoint.get("hyper_parameters", {})
@@ -59,13 +64,13 @@ def student_from_checkpoint(
         config = dict(checkpoint["student_config"])
         student = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
         student.load_state_dict(state, strict=True)
-        return student.eval(), hparams
+        return student.eval(), checkpoint
     if any("lora_" not in key for key in state):  # base weights saved too (a student from a random config)
         student = _student_from_config(checkpoint["student_config"], hparams["student"]["lora"])
         student.load_state_dict(state, strict=True)
     else:
         student = _lora_student(hparams, state, path)
-    return (student if keep_adapter else merged_copy(student)).eval(), hparams
+    return (student if keep_adapter else merged_copy(student)).eval(), checkpoint
 
 
 def _student_from_config(config: dict, lora: dict) -> PeftModel:
@@ -102,16 +107,62 @@ def tokenizer_from_hparams(hparams: dict):
 
 
 def export_checkpoint(
-    checkpoint_path: str | Path, out_dir: str | Path, *, adapter_only: bool = False
+    checkpoint_path: str | Path,
+    out_dir: str | Path,
+    *,
+    adapter_only: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """A Hugging Face folder (safetensors, config, tokenizer) of the student of any `distillens fit` checkpoint.
 
     The folder holds the merged model by default; with ``adapter_only``, a LoRA student's adapter folder alone.
+    Its tokenizer's chat template renders the prompts the student was trained on (the run's data.template, which
+    the checkpoint records), and config.json records that template as ``distillens_prompt_template``.
 
     Args:
         checkpoint_path: a .ckpt written by `distillens fit`
-        out_dir: folder to write (safetensors, config, tokenizer)
+        out_dir: folder to write (safetensors, config, tokenizer); it must be new or empty unless --overwrite
         adapter_only: for a LoRA student: write its adapter folder alone instead of the merged model (the default)
+        overwrite: replace the earlier export in a non-empty out_dir (a folder holding anything else is refused)
     """
-    student, hparams = student_from_checkpoint(checkpoint_path, keep_adapter=adapter_only)
-    return export_student(student, tokenizer_from_hparams(hparams), out_dir, adapter_only=adapter_only)
+    check_export_folder(out_dir, overwrite)  # before the (slow) rebuild of the student
+    student, checkpoint = student_and_checkpoint(checkpoint_path, keep_adapter=adapter_only)
+    template = (checkpoint.get("datamodule_hyper_parameters") or {}).get("template")
+    if template is None:
+        log.warning(
+            "%s records no data template (no data module's hyper-parameters): the tokenizer's own chat template "
+            "is exported, which may not be the prompt format the student was trained on",
+            checkpoint_path,
+        )
+    tokenizer = tokenizer_from_hparams(checkpoint.get("hyper_parameters", {}))
+    return export_trained_student(
+        student, tokenizer, out_dir, template=template, adapter_only=adapter_only, overwrite=overwrite
+    )
+
+
+def export_trained_student(
+    student: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    template: str | None,
+    adapter_only: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """`export_student` with a tokenizer that prompts the student as training did.
+
+    ``template`` (the data module's: "alpaca", "chat" or a string) becomes the exported tokenizer's chat
+    template and is recorded in config.json; None keeps the tokenizer's own. ``model_max_length`` becomes the
+    model's ``max_position_embeddings`` where the tokenizer claims more (a GGUF tokenizer says 1e30): the longest
+    input the architecture takes, rather than the training max_length, which is a choice of data, not a limit of
+    the model. The caller's tokenizer is left as it was.
+    """
+    tokenizer = copy.deepcopy(tokenizer)
+    config = student.config
+    if template is not None:
+        tokenizer.chat_template = chat_template_for(template, tokenizer)
+        config.distillens_prompt_template = template
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and not tokenizer.model_max_length <= positions:
+        tokenizer.model_max_length = positions
+    return export_student(student, tokenizer, out_dir, adapter_only=adapter_only, overwrite=overwrite)

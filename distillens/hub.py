@@ -1,7 +1,8 @@
 """What loading data and models from the Hugging Face hub, and caching what they build, have in common.
 
 Kept apart from `data` and `models` (and importing nothing from distillens) so that both tell hub ids from local
-paths by one rule, read offline mode from the same variables, and publish a built folder the same safe way.
+paths by one rule, read offline mode from the same variables, probe the hub the same quick way before a download
+(no network: one line in seconds, not a minute of retries), and publish a built folder the same safe way.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +25,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 """Environment variables asking for offline mode (any one set: use the local cache only)."""
+HUB_PROBE_TIMEOUT_S = 3.0
+"""How long the probe waits for the hub: a machine without network fails in seconds, not after the libraries'
+retries (35-60 s of messages)."""
 
 
 def is_hub_id(value: str) -> bool:
@@ -32,6 +39,41 @@ def offline_requested() -> bool:
     """Whether the user asked for offline mode, read now (the libraries read these variables once, at import)."""
     flags = (os.environ.get(name, "") for name in OFFLINE_VARIABLES)
     return any(flag.upper() in {"1", "ON", "YES", "TRUE"} for flag in flags)
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """A quick HEAD on the hub endpoint: whether anything there answers within ``timeout_s``.
+
+    Run in a thread and waited for at most ``timeout_s`` (plus a second): the socket's timeout does not bound
+    the name lookup, which a machine whose DNS server does not answer may spend much longer on.
+    """
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    answers: list[bool] = []
+    probe = threading.Thread(target=lambda: answers.append(_answers(endpoint, timeout_s)), daemon=True)
+    probe.start()
+    probe.join(timeout_s + 1)
+    return bool(answers and answers[0])
+
+
+def _answers(endpoint: str, timeout_s: float) -> bool:
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s)
+    except urllib.error.HTTPError:
+        return True  # the server answered
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
+
+
+def check_hub_reachable(hub_id: str, field: str) -> None:
+    """The rule data and models share: a hub id is fetched from the hub, so without offline mode the hub must
+    answer the probe; otherwise one line naming the setting (``field``) says what to do instead."""
+    if offline_requested() or hub_reachable():
+        return
+    raise OSError(
+        f"{field}: {hub_id!r} is not a local folder and the Hugging Face hub is unreachable (no network?); "
+        f"download it elsewhere and point {field} at the folder, or set HF_HUB_OFFLINE=1 to use the local cache"
+    )
 
 
 def build_once(folder: Path, build: Callable[[Path], None]) -> None:

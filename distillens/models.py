@@ -15,7 +15,10 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-from collections.abc import Iterator, Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,7 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from distillens.hub import build_once, is_hub_id, offline_requested
+from distillens.hub import build_once, check_hub_reachable, is_hub_id, offline_requested
 from distillens.structure import block_list_name
 
 log = logging.getLogger(__name__)
@@ -202,10 +205,9 @@ def load_model(spec: ModelSpec, teacher: PreTrainedModel | None = None) -> PreTr
 def merge_adapter(model: PreTrainedModel, adapter: str, revision: str | None = None) -> PreTrainedModel:
     """The model with a saved PEFT adapter folded into its weights: a plain model again, as fast as the base."""
     location = _adapter_location(adapter)
+    hub = _hub_options(location, revision)
     with _hub_errors(location, revision):
-        wrapped = PeftModel.from_pretrained(
-            model, location.name, is_trainable=False, **_hub_options(location, revision)
-        )
+        wrapped = PeftModel.from_pretrained(model, location.name, is_trainable=False, **hub)
     return wrapped.merge_and_unload()
 
 
@@ -315,10 +317,25 @@ def _locate(source: str) -> _Location:
     raise FileNotFoundError(f"model source {source!r}: no such folder ({path.absolute()})")
 
 
+def check_hub_sources(spec: ModelSpec, field: str) -> None:
+    """Before anything loads: every hub id a spec names (source, tokenizer, adapter) needs the hub or offline
+    mode, else one line naming ``<field>.<name>`` (e.g. model.teacher.source) comes in seconds."""
+    for name in ("source", "tokenizer", "adapter"):
+        value = getattr(spec, name)
+        if value is None or value == DEFAULT_TEACHER or Path(value).suffix == ".gguf":
+            continue  # not a download: the loader reports a missing GGUF file itself
+        if not Path(value).expanduser().exists() and is_hub_id(value):
+            check_hub_reachable(value, f"{field}.{name}")
+
+
 def _hub_options(location: _Location, revision: str | None) -> dict[str, Any]:
-    """Hub-only arguments; offline mode is read at call time (huggingface_hub reads it once, at import)."""
+    """Hub-only arguments; offline mode is read at call time (huggingface_hub reads it once, at import).
+
+    Probes the hub first, so that a machine without network fails in seconds rather than after the hub
+    client's retries (callers that know the setting's name call `check_hub_sources` earlier)."""
     if not location.is_hub_id:
         return {}
+    check_hub_reachable(location.name, "model source")
     return {"revision": revision, "local_files_only": offline_requested()}
 
 
@@ -407,30 +424,80 @@ def _renumbered_state_dict(
     return renamed
 
 
+EXPORT_MARKERS = ("config.json", "adapter_config.json")
+"""Files every export writes (a merged model, or an adapter folder): a folder holding one holds an earlier export."""
+
+
+def check_export_folder(folder: str | Path, overwrite: bool) -> None:
+    """A non-empty folder is written only when asked (``overwrite``), and then only if it holds an earlier
+    export: its files are replaced as a whole, so a folder of anything else is never emptied."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"export folder {folder} is a file")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"export folder {folder} is not empty; choose a new folder, or replace its earlier export with "
+            "--overwrite (distillens export) or overwrite: true (ExportStudent)"
+        )
+    if not any((folder / name).is_file() for name in EXPORT_MARKERS):
+        raise FileExistsError(
+            f"export folder {folder} holds no earlier export (no {' or '.join(EXPORT_MARKERS)}); refusing to "
+            "replace its files: choose another folder"
+        )
+
+
 def export_student(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     folder: str | Path,
     *,
     adapter_only: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Save model (safetensors), config, generation config and tokenizer where `from_pretrained` can load them.
 
     A LoRA student is saved merged (adapters folded into a copy of the weights: a plain Hugging Face model that
     needs neither PEFT nor the base), or, with ``adapter_only``, as its adapter folder alone (adapter_config.json
     and the adapter weights, which ``PeftModel.from_pretrained(base, folder)`` or ``ModelSpec.adapter`` load).
+    A non-empty folder is refused unless ``overwrite`` (see `check_export_folder`); the new export is written
+    beside it and then takes its place, so no file of the earlier one is left mixed in.
     """
     if adapter_only and not is_lora(model):
         raise ValueError(
             "adapter_only: this student has no LoRA adapter (it was trained without model.student.lora)"
         )
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    check_export_folder(folder, overwrite)
     if is_lora(model) and not adapter_only:
         model = merged_copy(model)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    if folder.is_dir() and any(folder.iterdir()):
+        _replace_folder(folder, write)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        write(folder)
     return folder
+
+
+def _replace_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """Write a new folder beside ``folder``, then swap the two and delete the old one."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".new", dir=folder.parent))
+    try:
+        write(staging)
+        staging.chmod(0o755)
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+        os.rename(staging, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def merged_copy(model: PeftModel) -> PreTrainedModel:
@@ -462,12 +529,13 @@ def _spec_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
             "ModelSpec has no source: set ModelSpec.tokenizer to say where its tokenizer comes from"
         )
     location = _locate(name)
+    hub = _hub_options(location, spec.revision)
     with _hub_errors(location, spec.revision):
         tokenizer = AutoTokenizer.from_pretrained(
             location.name,
             gguf_file=location.gguf_file,
             trust_remote_code=spec.trust_remote_code,
-            **_hub_options(location, spec.revision),
+            **hub,
         )
     return _with_special_tokens(tokenizer, location.gguf_file)
 

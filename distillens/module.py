@@ -36,6 +36,7 @@ from distillens.distributed import is_sharded, shard_models, sharding_options
 from distillens.evaluation import GenerationSettings, generation_config
 from distillens.models import (
     ModelSpec,
+    check_hub_sources,
     check_same_vocabulary,
     is_lora,
     load_model,
@@ -108,6 +109,9 @@ class DistillationModule(L.LightningModule):
                 "on_policy": asdict(self.on_policy),
             }))
         )  # fmt: skip
+        for role, spec in (("student", self.student_spec), ("teacher", self.teacher_spec)):
+            if spec is not None:
+                check_hub_sources(spec, f"model.{role}")  # no network: one line in seconds, before any load
         has_own = self.student_spec.tokenizer_source is not None
         self.tokenizer = load_tokenizer(self.student_spec if has_own else self.teacher_spec)
         check_same_tokenizer(self.student_spec, self.teacher_spec, self.tokenizer)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+from distillens.checkpoints import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,7 @@ def describe_changes(path: Path, changes: Mapping[str, tuple[Any, Any]]) -> str:
 
 def saved_hyper_parameters(path: Path) -> dict[str, Any]:
     """The module hyper-parameters a checkpoint recorded (memory-mapped: the weights are not read)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as error:
-        raise ValueError(
-            f"{path}: not a checkpoint torch can read ({type(error).__name__}: {error})"
-        ) from None
-    return dict(checkpoint.get("hyper_parameters") or {})
+    return dict(load_checkpoint(path, mmap=True).get("hyper_parameters") or {})
 
 
 def last_checkpoint(trainer) -> tuple[Path | None, list[Path]]:

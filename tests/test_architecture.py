@@ -8,7 +8,18 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "distillens"
 
 LAYERS = [
-    {"losses", "structure", "hub", "sampling", "optimization", "console", "evaluation", "resume", "runs"},
+    {
+        "losses",
+        "structure",
+        "hub",
+        "checkpoints",
+        "sampling",
+        "optimization",
+        "console",
+        "evaluation",
+        "resume",
+        "runs",
+    },
     {"lens", "models", "data"},
     {"distributed", "export", "onpolicy"},
     {"diagnostics", "objective"},

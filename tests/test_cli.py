@@ -11,10 +11,12 @@ import ast
 import dataclasses
 import inspect
 import json
+import logging
 import re
 import subprocess
 import sys
 import textwrap
+import time
 from itertools import islice
 from pathlib import Path
 from unittest import mock
@@ -442,6 +444,19 @@ def test_bad_input_is_one_error_line(case, tmp_path, cache_dir, malformed_yaml, 
     assert expected in lines[0]
 
 
+@pytest.mark.parametrize("case", ["vocabulary mismatch", "unknown model id"])
+def test_a_model_error_after_tokenising_is_still_one_error_line(
+    case, tmp_path, malformed_yaml, capsys, monkeypatch
+):
+    """These fail when the models are built, after the data module has tokenised (a cold cache): what the
+    length filters did is progress on stdout, so stderr still holds the error line alone."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args, expected = bad_args(case, tmp_path, tmp_path / "cold-cache", malformed_yaml)
+    code, out, err = run_in_process(args, capsys)
+    assert code == 1 and err.strip().splitlines() == [err.strip()] and expected in err, err
+    assert "dropped 12 rows with prompts over max_prompt_length=96 tokens" in out  # it did tokenise
+
+
 @pytest.mark.parametrize("case", ["vocabulary mismatch", "malformed yaml"])
 def test_bad_input_raises_with_debug(case, tmp_path, cache_dir, malformed_yaml, monkeypatch):
     """--debug lets the exception out of main(), so Python prints its traceback."""
@@ -540,3 +555,106 @@ def test_more_cpu_processes_than_cores_is_one_warning(caplog, monkeypatch):
         warn_if_oversubscribed(SimpleNamespace(accelerator=CPUAccelerator(), num_devices=3))
     assert len(caplog.records) == 1
     assert "trainer.devices=3 CPU processes on a machine with 2 core(s)" in caplog.records[0].getMessage()
+
+
+@pytest.fixture
+def cut_checkpoint(tmp_path) -> Path:
+    """A checkpoint cut short at half its size, as a full disk or an interrupted copy leaves it."""
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"student.w": torch.zeros(64, 64)}, "student_config": {}}, whole)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return cut
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "export", "diagnose"])
+def test_a_cut_checkpoint_is_one_error_line_naming_the_file(
+    command, cut_checkpoint, tmp_path, capsys, monkeypatch
+):
+    """Every command reading a checkpoint names the file (torch's own message names none)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = {
+        "fit": ["fit", *tiny_args(tmp_path, tmp_path / "cache"), "--ckpt_path", str(cut_checkpoint)],
+        "validate": ["validate", *tiny_args(tmp_path, tmp_path / "cache"), "--ckpt_path", str(cut_checkpoint)],
+        "export": ["export", str(cut_checkpoint), str(tmp_path / "out")],
+        "diagnose": [
+            "diagnose", "--teacher", str(cut_checkpoint.parent), "--student", str(cut_checkpoint),
+            "--data", str(DATA / "validation.jsonl"), "--out", str(tmp_path / "out"),
+        ],
+    }[command]  # fmt: skip
+    if command == "diagnose":  # the teacher is loaded first: make it cheap, the checkpoint is what fails
+        monkeypatch.setattr("distillens.diagnostics.load_model", lambda spec, teacher=None: None)
+    code, _, err = run_in_process(args, capsys)
+    assert code == 1
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(ERROR_PREFIX), err
+    assert f"{cut_checkpoint}: not a checkpoint torch can read" in err and "cut short" in err
+
+
+def without_offline_mode(monkeypatch) -> None:
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_hub_model_without_network_is_one_line_in_seconds(tmp_path, cache_dir, capsys, monkeypatch):
+    """No network and no offline mode: the probe fails at once (stubbed here: no test touches the network), and
+    the line names the setting and both ways out, instead of the hub client's minute of retries."""
+    without_offline_mode(monkeypatch)
+    probes = []
+    monkeypatch.setattr("distillens.hub.hub_reachable", lambda: probes.append(1) and False)
+    overrides = ["--model.teacher.config", "null", "--model.teacher.source", "HuggingFaceTB/SmolLM2-1.7B"]
+    started = time.perf_counter()
+    code, _, err = run_in_process(["fit", *tiny_args(tmp_path, cache_dir, *overrides)], capsys)
+    assert time.perf_counter() - started < 15 and probes
+    assert code == 1 and err.strip().splitlines() == [err.strip()], err
+    assert (
+        "model.teacher.source: 'HuggingFaceTB/SmolLM2-1.7B' is not a local folder and the Hugging Face hub is "
+        "unreachable" in err
+    )
+    assert "point model.teacher.source at the folder, or set HF_HUB_OFFLINE=1" in err
+
+
+def test_a_library_loggers_record_is_printed_once(capsys):
+    """huggingface_hub gives its logger a stderr handler and lets records propagate to the root, where the
+    CLI's routing handlers are: each record must still reach the console once."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    from distillens.console import route_logging
+
+    library = logging.getLogger("huggingface_hub")
+    own = logging.StreamHandler(sys.stderr)  # as the library adds at import (sys.stderr is capsys's now)
+    saved = library.handlers[:], library.propagate
+    library.handlers[:] = [own]
+    library.propagate = True
+    try:
+        route_logging()
+        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        logging.getLogger("distillens.tests").warning("a record of ours")
+    finally:
+        library.handlers[:], library.propagate = saved
+    err = capsys.readouterr().err
+    assert err.count("Retrying in 1s [Retry 1/5].") == 1, err
+    assert err.count("a record of ours") == 1, err
+
+
+def test_exports_prompt_as_training_did_and_replace_a_folder_only_when_asked(fitted, tmp_path, capsys):
+    """configs/tiny.yaml trains on Alpaca prompts: the end-of-fit export and `distillens export` of its checkpoint
+    give a chat pipeline those prompts (not SmolLM2's ChatML); a second export into the same folder needs
+    --overwrite, which `distillens export --help` documents."""
+    from distillens.data.formats import Example
+    from distillens.data.templates import make_prompt_renderer
+
+    cli, run = fitted
+    assert cli.datamodule.template == "alpaca"
+    instruction = "Name three primary colours."
+    trained = make_prompt_renderer("alpaca", cli.model.tokenizer)(Example(instruction, "", "", ("",)))
+    checkpoint, out = run / "checkpoints" / "last.ckpt", tmp_path / "exported"
+    assert run_in_process(["export", str(checkpoint), str(out)], capsys)[0] == 0
+    for folder in (run / "student", out):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        messages = [{"role": "user", "content": instruction}]
+        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == trained
+        assert tokenizer.model_max_length == 512  # configs/tiny.yaml's max_position_embeddings
+    code, _, err = run_in_process(["export", str(checkpoint), str(out)], capsys)
+    assert code == 1 and f"export folder {out} is not empty" in err and "--overwrite" in err
+    assert run_in_process(["export", str(checkpoint), str(out), "--overwrite"], capsys)[0] == 0
+    assert "--overwrite" in run_in_process(["export", "--help"], capsys)[1]

@@ -755,3 +755,10 @@ def test_every_argument_is_configurable_and_documented_for_the_cli():
     for argument in inspect.signature(InstructionDataModule).parameters:
         assert f"--data.{argument} " in help_text
         assert f"\n        {argument}: " in InstructionDataModule.__doc__, f"{argument} is not documented"
+
+
+def test_a_jsonl_file_that_is_not_utf8_is_an_error_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"instruction": "a", "response": "b"}\n{"instruction": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} line 2: not UTF-8 text \(byte 0xe9\)"):
+        sources_code.read_json_rows(path)

@@ -262,3 +262,58 @@ def test_callback_logs_scalars_and_a_figure_to_tensorboard(model_folders, tmp_pa
         for k, (i, j) in enumerate(((0, 0), (1, 2), (2, 4))):
             logged = events.Scalars(f"lens_diag/{quantity}/s{i}_t{j}")[-1].value
             assert logged == pytest.approx(expected[name][k], rel=1e-4, abs=1e-6), f"{quantity} s{i}_t{j}"
+
+
+@pytest.fixture
+def layer_subset_checkpoint(model_folders, tmp_path) -> Path:
+    """A fit checkpoint as `distillens fit` writes it for a student copied from teacher blocks 2 and 3, trained
+    with one automatic pair (count 1) on chat-template prompts."""
+    from dataclasses import asdict
+
+    from distillens.models import ModelSpec, student_from_teacher_layers
+    from distillens.objective import LayerPairs
+
+    teacher = LlamaForCausalLM.from_pretrained(model_folders["teacher"])
+    student = student_from_teacher_layers(teacher, [2, 3])
+    path = tmp_path / "run.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"student.{key}": value for key, value in student.state_dict().items()},
+            "student_config": student.config.to_dict(),
+            "hyper_parameters": {
+                "student": asdict(ModelSpec(init_from_teacher_layers=[2, 3])),
+                "teacher": asdict(ModelSpec(source=str(model_folders["teacher"]))),
+                "layers": asdict(LayerPairs(count=1)),
+            },
+            "datamodule_hyper_parameters": {"template": "chat"},
+        },
+        path,
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("options", "student_layers", "teacher_layers"),
+    [
+        ([], [1], [3]),  # the run's pair: student hidden state 1 = its block 0, a copy of teacher block 2
+        (["--every_depth", "true"], [0, 1, 2], [0, 2, 4]),
+        (["--student_layers", "[2]", "--teacher_layers", "[4]"], [2], [4]),
+    ],
+)
+def test_diagnose_on_a_checkpoint_defaults_to_the_pairs_and_template_it_trained_with(
+    options, student_layers, teacher_layers, model_folders, layer_subset_checkpoint, tmp_path, monkeypatch
+):
+    import distillens.diagnostics as diagnostics
+
+    templates = []
+    batches = diagnostics.labelled_batches
+    monkeypatch.setattr(
+        diagnostics,
+        "labelled_batches",
+        lambda *a, **kw: templates.append(kw["template"]) or batches(*a, **kw),
+    )
+    args = diagnose_args(model_folders, str(layer_subset_checkpoint), tmp_path / "out", tmp_path / "cache")
+    main([*args, *options])
+    report = json.loads((tmp_path / "out" / "lens_diagnostics.json").read_text())
+    assert (report["student_layers"], report["teacher_layers"]) == (student_layers, teacher_layers)
+    assert templates == ["chat"]

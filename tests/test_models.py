@@ -12,10 +12,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillens import models
-from distillens.hub import build_once
+from distillens.hub import build_once, hub_reachable
 from distillens.models import (
     DEFAULT_TEACHER,
     ModelSpec,
+    check_hub_sources,
     default_teacher_dir,
     export_student,
     load_model,
@@ -443,3 +444,36 @@ def test_smollm2_gguf_is_found_in_the_wheel():
     path = smollm2_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert os.path.getsize(path) > 50_000_000
+
+
+def test_hub_id_without_network_fails_in_seconds_saying_how_to_load_it_locally(monkeypatch, tmp_path):
+    """No offline mode and a hub that does not answer the probe: every loader stops before the hub client's
+    retries, with one line naming the id, a local folder and HF_HUB_OFFLINE=1 as the ways out."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("distillens.hub.hub_reachable", lambda: False)
+    hub_id = "distillens-tests/no-such-model"
+    started = time.perf_counter()
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(
+            OSError, match=f"{hub_id}' is not a local folder and the Hugging Face hub is unreachable"
+        ):
+            load(ModelSpec(source=hub_id))
+    with pytest.raises(OSError, match=r"model.student.adapter: .* HF_HUB_OFFLINE=1"):
+        check_hub_sources(ModelSpec(source=str(tmp_path), adapter=hub_id), "model.student")
+    assert time.perf_counter() - started < 5
+
+
+def test_the_hub_probe_gives_up_quickly_on_an_endpoint_that_does_not_answer(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    started = time.perf_counter()
+    assert hub_reachable(timeout_s=1.0) is False
+    assert time.perf_counter() - started < 5
+
+
+def test_the_hub_probe_gives_up_on_a_name_lookup_that_hangs(monkeypatch):
+    """The socket timeout does not bound DNS: the probe waits for its thread at most a second longer."""
+    monkeypatch.setattr("distillens.hub._answers", lambda endpoint, timeout_s: time.sleep(30) or True)
+    started = time.perf_counter()
+    assert hub_reachable(timeout_s=0.5) is False
+    assert time.perf_counter() - started < 5

@@ -33,14 +33,12 @@ from distillens.data.loading import EpochShuffleSampler, ResumableDataLoader
 from distillens.data.sources import (
     DATA_SUFFIXES,
     GENERIC_STEMS,
-    HUB_PROBE_TIMEOUT_S,
     SPLIT_FILE_STEMS,
     VALIDATION_STEMS,
     Row,
     Source,
     file_fingerprint,
     hub_offline,
-    hub_reachable,
     load_hub_dataset,
     read_json_rows,
     read_table_rows,
@@ -57,7 +55,7 @@ from distillens.data.templates import (
     validate_template,
 )
 from distillens.data.tokenisation import SplitStats, Tokenised, tokenize_examples, tokenizer_fingerprint
-from distillens.hub import HUB_ID
+from distillens.hub import HUB_ID, HUB_PROBE_TIMEOUT_S, hub_reachable
 from distillens.losses import IGNORE_INDEX
 
 __all__ = [

@@ -524,32 +524,27 @@ def _describe(stats: SplitStats) -> str:
 
 
 def _log_stats(plan: _SplitPlan, stats: SplitStats, max_prompt_length: int, max_length: int) -> None:
+    """What the filters did, as progress (stdout): dropping long prompts and cutting long responses is the
+    configured protocol, not a problem. Rows that do not fit their format or have no answer are warnings."""
     log.info("%s (%s): kept %d rows; %s", plan.name, plan.source.origin, stats.kept, _describe(stats))
     if stats.bad_rows_skipped:
         log.warning("%s: skipped %d bad rows (skip_bad_rows=True)", plan.name, stats.bad_rows_skipped)
     if stats.empty_responses_dropped:
         log.warning("%s: dropped %d rows with an empty response", plan.name, stats.empty_responses_dropped)
-    if stats.long_prompts_dropped:
-        log.warning(
-            "%s: dropped %d rows with prompts over max_prompt_length=%d tokens",
-            plan.name,
+    notes = [
+        (
             stats.long_prompts_dropped,
-            max_prompt_length,
-        )
-    if stats.prompts_truncated:
-        log.warning(
-            "%s: cut %d prompts to their first max_prompt_length=%d tokens",
-            plan.name,
+            f"dropped %d rows with prompts over max_prompt_length={max_prompt_length} tokens",
+        ),
+        (
             stats.prompts_truncated,
-            max_prompt_length,
-        )
-    if stats.responses_truncated:
-        log.warning(
-            "%s: truncated %d responses to fit max_length=%d tokens",
-            plan.name,
-            stats.responses_truncated,
-            max_length,
-        )
+            f"cut %d prompts to their first max_prompt_length={max_prompt_length} tokens",
+        ),
+        (stats.responses_truncated, f"truncated %d responses to fit max_length={max_length} tokens"),
+    ]
+    for count, note in notes:
+        if count:
+            log.info(f"%s: {note}", plan.name, count)
 
 
 @contextmanager

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,14 +15,13 @@ from typing import Any
 
 import datasets
 
-from distillens.hub import is_hub_id, offline_requested
+from distillens.hub import hub_reachable, is_hub_id, offline_requested
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 VALIDATION_STEMS = ("validation", "valid", "val", "dev")
 # File stems a folder source looks for, best first; MiniLLM's evaluation folders hold only `valid.jsonl`.
 SPLIT_FILE_STEMS = {"train": ("train",), "validation": VALIDATION_STEMS, "test": ("test", *VALIDATION_STEMS)}
 GENERIC_STEMS = {"train", "test", "data", *VALIDATION_STEMS}
-HUB_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,7 @@ def read_json_rows(path: Path) -> list[Row]:
 
     Parsed by hand rather than through `datasets` so that a syntax error names the line.
     """
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -118,6 +114,18 @@ def read_json_rows(path: Path) -> list[Row]:
             raise ValueError(f"{path} line {number}: not valid JSON ({error.msg})") from None
         rows.append(_as_row(record, path, number))
     return rows
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's contents; bytes that are not UTF-8 are an error naming the file and the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path} line {line}: not UTF-8 text (byte {data[error.start]:#04x}); save the file as UTF-8"
+        ) from None
 
 
 def _as_row(record: Any, path: Path, number: int) -> Row:
@@ -139,18 +147,6 @@ def read_table_rows(path: Path, cache_dir: Path) -> list[Row]:
 def hub_offline() -> bool:
     """Whether the user asked for offline mode: in the environment now, or in `datasets`' settings."""
     return offline_requested() or datasets.config.HF_HUB_OFFLINE
-
-
-def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """A quick HEAD on the hub endpoint, so that no-network machines fail in seconds, not after long retries."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s)
-    except urllib.error.HTTPError:
-        return True  # the server answered
-    except (urllib.error.URLError, OSError):
-        return False
-    return True
 
 
 @contextmanager

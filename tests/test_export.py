@@ -1,0 +1,102 @@
+"""What an exported student folder holds besides its weights: the prompt format it was trained on, a true
+model_max_length, and no overwriting of a folder unless asked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from reference import tiny_llama
+from transformers import AutoConfig, AutoTokenizer
+
+from distillens.data.formats import Example
+from distillens.data.templates import make_prompt_renderer
+from distillens.data.tokenisation import tokenize_examples
+from distillens.export import export_trained_student
+from distillens.models import ModelSpec, export_student, load_model
+
+TEMPLATES = ["alpaca", "chat", 'Question: {instruction}\n"Réponse" \\ {input}:']
+INSTRUCTION = "Name three primary colours."
+
+
+@pytest.fixture(scope="module")
+def student():
+    """A tiny random Llama over SmolLM2's vocabulary, with 512 positions."""
+    return load_model(ModelSpec(**tiny_llama(2, 32, 49152))).eval()
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_the_exported_chat_template_gives_the_training_prompt(template, student, smollm2_tokenizer, tmp_path):
+    """A chat pipeline renders messages with apply_chat_template(add_generation_prompt=True): it must give the
+    prompt text, and the prompt ids, the data module trained the student on."""
+    folder = export_trained_student(student, smollm2_tokenizer, tmp_path / "out", template=template)
+    exported = AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": INSTRUCTION}]
+    trained_prompt = make_prompt_renderer(template, smollm2_tokenizer)(
+        Example(INSTRUCTION, "", "Red.", ("Red.",))
+    )
+    assert (
+        exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == trained_prompt
+    )
+    trained = tokenize_examples(
+        [trained_prompt], ["Red."], smollm2_tokenizer, prompt_special_tokens=template != "chat",
+        max_length=128, max_prompt_length=96,
+    )  # fmt: skip
+    ids = exported.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert list(ids) == trained.sequences[0][: trained.prompt_lengths[0]]
+    assert json.loads((folder / "config.json").read_text())["distillens_prompt_template"] == template
+    assert AutoConfig.from_pretrained(folder).distillens_prompt_template == template
+
+
+def test_an_alpaca_student_refuses_conversations_it_never_saw(student, smollm2_tokenizer, tmp_path):
+    folder = export_trained_student(student, smollm2_tokenizer, tmp_path / "out", template="alpaca")
+    exported = AutoTokenizer.from_pretrained(folder)
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": INSTRUCTION}]
+    with pytest.raises(Exception, match="trained on single-turn prompts of the alpaca template"):
+        exported.apply_chat_template(system, tokenize=False, add_generation_prompt=True)
+
+
+def test_the_exported_model_max_length_is_the_models_positions(student, smollm2_tokenizer, tmp_path):
+    """SmolLM2's tokenizer from GGUF claims 1e30 tokens; the folder says what the model takes: its positions."""
+    assert smollm2_tokenizer.model_max_length > 1e20
+    folder = export_trained_student(student, smollm2_tokenizer, tmp_path / "out", template="alpaca")
+    assert (
+        AutoTokenizer.from_pretrained(folder).model_max_length
+        == student.config.max_position_embeddings
+        == 2048
+    )
+    assert smollm2_tokenizer.model_max_length > 1e20  # the caller's tokenizer is left as it was
+
+
+def test_a_non_empty_folder_is_replaced_only_when_asked_and_only_if_it_holds_an_export(
+    student, smollm2_tokenizer, tmp_path
+):
+    folder = export_student(student, smollm2_tokenizer, tmp_path / "out")
+    (folder / "stale.txt").write_text("from an earlier export")
+    with pytest.raises(FileExistsError, match="is not empty; .* --overwrite"):
+        export_student(student, smollm2_tokenizer, folder)
+    export_student(student, smollm2_tokenizer, folder, overwrite=True)
+    assert (folder / "config.json").is_file() and not (folder / "stale.txt").exists()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("not an export")
+    with pytest.raises(FileExistsError, match="holds no earlier export"):
+        export_student(student, smollm2_tokenizer, other, overwrite=True)
+    assert (other / "mine.txt").is_file()
+
+
+def test_the_end_of_fit_export_told_not_to_overwrite_fails_when_fit_starts(tmp_path):
+    """Not after the training: a folder it may not write is reported before the first step."""
+    from types import SimpleNamespace
+
+    from distillens.callbacks import ExportStudent
+
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "config.json").write_text("{}")
+    strategy = SimpleNamespace(broadcast=lambda value: value)  # one process
+    trainer = SimpleNamespace(
+        log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True, strategy=strategy
+    )
+    ExportStudent(overwrite=True).on_fit_start(trainer, None)  # the default: a re-run replaces its own export
+    with pytest.raises(FileExistsError, match="overwrite: true"):
+        ExportStudent(overwrite=False).on_fit_start(trainer, None)
