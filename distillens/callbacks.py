@@ -412,11 +412,23 @@ class ExportStudent(L.Callback):
             print(f"student exported to {folder}")
 
 
+def copied_depths(copied_from: list[int] | None) -> tuple[list[int], list[int]] | None:
+    """Every depth of a layer-subset student with the teacher depth its block was copied from (None otherwise).
+
+    Student hidden state b + 1 is the output of a copy of teacher block c, hidden state c + 1; the embeddings (0)
+    are shared. Any other student is compared at the same relative depth (``lens_diagnostics``' default).
+    """
+    if not copied_from:
+        return None
+    return list(range(len(copied_from) + 1)), [0, *(block + 1 for block in copied_from)]
+
+
 class LensDiagnostics(L.Callback):
     """Every ``every_n_val``-th validation, log where the student's lens distributions depart from the teacher's.
 
     Computed by ``distillens.diagnostics.lens_diagnostics`` on the first ``max_batches`` validation batches (the
-    same ones each time, so the curves are comparable): scalars ``lens_diag/<quantity>/s<i>_t<j>`` (divergence,
+    same ones each time, so the curves are comparable), at every student depth (a layer-subset student's against
+    the teacher depths its blocks were copied from): scalars ``lens_diag/<quantity>/s<i>_t<j>`` (divergence,
     entropies, top-1 agreement with the teacher's answer) through the module's loggers, and the three-panel figure
     as ``lens_diag/figure`` in each TensorBoard logger. Skipped in the sanity check and without a teacher.
 
@@ -442,7 +454,11 @@ class LensDiagnostics(L.Callback):
             return
         batches = itertools.islice(trainer.datamodule.val_dataloader(), self.max_batches)
         report = lens_diagnostics(
-            LogitLens(pl_module.student), LogitLens(pl_module.teacher), batches, divergence=self.divergence
+            LogitLens(pl_module.student),
+            LogitLens(pl_module.teacher),
+            batches,
+            divergence=self.divergence,
+            pairs=copied_depths(pl_module.student_spec.init_from_teacher_layers),
         )
         for name, value in report.scalars().items():
             pl_module.log(name, value, sync_dist=True)  # every rank diagnosed the same batches

@@ -487,3 +487,12 @@ def test_every_model_and_data_option_has_a_help_text() -> None:
         option for option, text in descriptions.items() if option.startswith(groups) and not text
     )
     assert not undocumented, f"options without a help text in `distillens fit --help`: {undocumented}"
+
+
+def test_the_embedded_default_draws_the_lens_diagnostics_figure() -> None:
+    """make train shows the paper's Figure 1 in TensorBoard, on one validation batch (its cost stays small)."""
+    callbacks = {
+        c["class_path"]: c.get("init_args", {}) for c in setup_config("default.yaml")["trainer"]["callbacks"]
+    }
+    assert callbacks.keys() >= RUN_CALLBACKS | {"distillens.callbacks.LensDiagnostics"}
+    assert callbacks["distillens.callbacks.LensDiagnostics"]["max_batches"] == 1

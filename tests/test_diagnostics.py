@@ -264,6 +264,34 @@ def test_callback_logs_scalars_and_a_figure_to_tensorboard(model_folders, tmp_pa
             assert logged == pytest.approx(expected[name][k], rel=1e-4, abs=1e-6), f"{quantity} s{i}_t{j}"
 
 
+def test_the_callback_compares_a_layer_subset_student_with_the_blocks_it_was_copied_from(
+    model_folders, tmp_path
+):
+    """Student = teacher blocks 2 and 3: its depths 0, 1, 2 against teacher depths 0, 3, 4 (not 0, 2, 4)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config["model"]["teacher"] = {"source": str(model_folders["teacher"])}
+    config["model"]["student"] = {"init_from_teacher_layers": [2, 3]}
+    config["model"]["layers"] = {"count": 1}
+    config["trainer"].update(max_steps=1, val_check_interval=1, limit_val_batches=1)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    config["trainer"]["callbacks"] = [
+        {"class_path": "distillens.callbacks.LensDiagnostics", "init_args": {"max_batches": 1}}
+    ]
+    for split in ("train", "validation", "test"):
+        config["data"][split] = str(REPO / config["data"][split])
+    config["data"].update(cache_dir=str(tmp_path / "cache"), max_samples=8)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_cli(["fit", "--config", str(path), "--trainer.enable_checkpointing", "false"])
+    events = EventAccumulator(str(tmp_path / "logs" / "tiny"), size_guidance={"scalars": 0}).Reload()
+    compared = {
+        tag.rsplit("/", 1)[1] for tag in events.Tags()["scalars"] if tag.startswith("lens_diag/divergence/")
+    }
+    assert compared == {"s0_t0", "s1_t3", "s2_t4"}
+
+
 @pytest.fixture
 def layer_subset_checkpoint(model_folders, tmp_path) -> Path:
     """A fit checkpoint as `distillens fit` writes it for a student copied from teacher blocks 2 and 3, trained
