@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,13 @@ USER_ERRORS = (
 CONFIG_FLAGS = ("--config", "-c")
 DEBUG_FLAG = "--debug"
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")  # each has a stderr handler
+REDUNDANT_WARNINGS = (
+    # a fresh fit refuses a folder with checkpoints (runs.py): a non-empty one means a resume, which is meant
+    r"Checkpoint directory .* exists and is not empty",
+    # Lightning's own use of a torch API torch deprecated: nothing a user can act on
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+"""Library warnings the CLI hides: each says nothing true and useful about a distillens run."""
 
 
 def debug_requested(args: list[str]) -> bool:
@@ -146,6 +154,8 @@ def route_logging() -> None:
     Other libraries (huggingface_hub, torchmetrics) keep their own console handlers, which may be added after this
     runs: the root handlers skip a record one of those has already printed (`not_yet_printed`).
     """
+    for message in REDUNDANT_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     root = logging.getLogger()
     if not any(isinstance(handler, _CurrentStream) for handler in root.handlers):
         progress, problems = _CurrentStream("stdout"), _CurrentStream("stderr")
