@@ -72,3 +72,16 @@ class RecordSources(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"sources-rank{trainer.global_rank}.json").write_text(json.dumps(self.steps))
+
+
+class FailAt(L.Callback):
+    """Raises RuntimeError (a bug, an out-of-memory) before the training batch of global step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"FailAt: step {self.step}")

@@ -313,3 +313,15 @@ def test_the_progress_bar_counts_steps_of_the_planned_total_across_a_resume(
     assert type(progress).__name__ == {"rich": "StepsRichProgressBar", "tqdm": "StepsTQDMProgressBar"}[bar]
     assert (total, done) == (MAX_STEPS, MAX_STEPS)
     assert title.strip().startswith("Steps") and "/-" not in title
+
+
+def test_an_exception_in_the_loop_names_the_newest_checkpoint(tmp_path, cache_dir, capsys):
+    """A half-done step cannot be saved and resumed exactly: the run says which checkpoint to go on from."""
+    config = yaml.safe_load(resume_config(tmp_path, cache_dir).read_text())
+    config["trainer"]["callbacks"].append({"class_path": "probes.FailAt", "init_args": {"step": 2}})
+    failing = write_config(config, tmp_path / "failing.yaml")
+    with pytest.raises(RuntimeError, match="FailAt"), mock.patch.object(sys, "argv", ["distillens"]):
+        main(["fit", "--config", str(failing)])
+    last = tmp_path / "tiny" / "checkpoints" / "last.ckpt"
+    assert f"RuntimeError at step 2: the newest checkpoint is {last}" in capsys.readouterr().out
+    assert torch.load(last, weights_only=True)["global_step"] == 2
