@@ -43,17 +43,21 @@ class RecordRun(L.Callback):
         torch.save(tensors, self.folder / name)
 
 
-class InterruptAt(L.Callback):
-    """Sends this process SIGINT (what Ctrl-C sends) before the training batch of global step ``step``."""
+class StopAt(L.Callback):
+    """Before the training batch of global step ``step``, sends this process SIGINT (``how="sigint"``, what Ctrl-C
+    sends) or raises RuntimeError (``how="error"``: a bug, an out-of-memory)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, how: str = "sigint") -> None:
+        self.step, self.how = step, how
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
     ) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
+        if trainer.global_step != self.step:
+            return
+        if self.how == "error":
+            raise RuntimeError(f"StopAt: step {self.step}")
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 class RecordSources(L.Callback):
@@ -72,16 +76,3 @@ class RecordSources(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"sources-rank{trainer.global_rank}.json").write_text(json.dumps(self.steps))
-
-
-class FailAt(L.Callback):
-    """Raises RuntimeError (a bug, an out-of-memory) before the training batch of global step ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
-    ) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"FailAt: step {self.step}")

@@ -228,13 +228,14 @@ def test_diagnose_command_reports_a_bad_student_spec_in_one_line(model_folders, 
 # ----------------------------------------------------------------------------------------------- callback
 
 
-def test_callback_logs_scalars_and_a_figure_to_tensorboard(model_folders, tmp_path):
+def fit_with_lens_diagnostics(tmp_path: Path, student: dict, teacher: dict, steps: int):
+    """configs/tiny.yaml with these models for ``steps`` steps and one validation at the end, with LensDiagnostics
+    on one batch; returns the CLI and the run's TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    config["model"]["teacher"] = {"source": str(model_folders["teacher"])}
-    config["model"]["student"] = {"source": str(model_folders["student"])}
-    config["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1)
+    config["model"].update(teacher=teacher, student=student, layers={"count": 1})
+    config["trainer"].update(max_steps=steps, val_check_interval=steps, limit_val_batches=1)
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
     config["trainer"]["callbacks"] = [
         {"class_path": "distillens.callbacks.LensDiagnostics", "init_args": {"max_batches": 1}}
@@ -245,9 +246,17 @@ def test_callback_logs_scalars_and_a_figure_to_tensorboard(model_folders, tmp_pa
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = run_cli(["fit", "--config", str(path), "--trainer.enable_checkpointing", "false"])
-    events = EventAccumulator(
-        str(tmp_path / "logs" / "tiny"), size_guidance={"images": 0, "scalars": 0}
-    ).Reload()
+    size_guidance = {"images": 0, "scalars": 0}
+    return cli, EventAccumulator(str(tmp_path / "logs" / "tiny"), size_guidance=size_guidance).Reload()
+
+
+def test_callback_logs_scalars_and_a_figure_to_tensorboard(model_folders, tmp_path):
+    cli, events = fit_with_lens_diagnostics(
+        tmp_path,
+        {"source": str(model_folders["student"])},
+        {"source": str(model_folders["teacher"])},
+        steps=2,
+    )
     assert "lens_diag/figure" in events.Tags()["images"]
     scalars = events.Tags()["scalars"]
     for quantity in ("divergence", "student_entropy", "teacher_entropy", "student_top1", "teacher_top1"):
@@ -268,24 +277,8 @@ def test_the_callback_compares_a_layer_subset_student_with_the_blocks_it_was_cop
     model_folders, tmp_path
 ):
     """Student = teacher blocks 2 and 3: its depths 0, 1, 2 against teacher depths 0, 3, 4 (not 0, 2, 4)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    config["model"]["teacher"] = {"source": str(model_folders["teacher"])}
-    config["model"]["student"] = {"init_from_teacher_layers": [2, 3]}
-    config["model"]["layers"] = {"count": 1}
-    config["trainer"].update(max_steps=1, val_check_interval=1, limit_val_batches=1)
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
-    config["trainer"]["callbacks"] = [
-        {"class_path": "distillens.callbacks.LensDiagnostics", "init_args": {"max_batches": 1}}
-    ]
-    for split in ("train", "validation", "test"):
-        config["data"][split] = str(REPO / config["data"][split])
-    config["data"].update(cache_dir=str(tmp_path / "cache"), max_samples=8)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run_cli(["fit", "--config", str(path), "--trainer.enable_checkpointing", "false"])
-    events = EventAccumulator(str(tmp_path / "logs" / "tiny"), size_guidance={"scalars": 0}).Reload()
+    teacher = {"source": str(model_folders["teacher"])}
+    _, events = fit_with_lens_diagnostics(tmp_path, {"init_from_teacher_layers": [2, 3]}, teacher, steps=1)
     compared = {
         tag.rsplit("/", 1)[1] for tag in events.Tags()["scalars"] if tag.startswith("lens_diag/divergence/")
     }

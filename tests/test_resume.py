@@ -274,7 +274,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_where_it_stopped(uninterrupted, 
     line says how to go on, and the resumed run logs the uninterrupted run's curves from step 4 on."""
     _, reference, _ = uninterrupted
     config = yaml.safe_load(resume_config(tmp_path, cache_dir).read_text())
-    config["trainer"]["callbacks"].append({"class_path": "probes.InterruptAt", "init_args": {"step": 3}})
+    config["trainer"]["callbacks"].append({"class_path": "probes.StopAt", "init_args": {"step": 3}})
     interrupted = write_config(config, tmp_path / "interrupted.yaml")
     with pytest.raises(SystemExit) as exit_, mock.patch.object(sys, "argv", ["distillens"]):
         main(["fit", "--config", str(interrupted)])
@@ -318,9 +318,11 @@ def test_the_progress_bar_counts_steps_of_the_planned_total_across_a_resume(
 def test_an_exception_in_the_loop_names_the_newest_checkpoint(tmp_path, cache_dir, capsys):
     """A half-done step cannot be saved and resumed exactly: the run says which checkpoint to go on from."""
     config = yaml.safe_load(resume_config(tmp_path, cache_dir).read_text())
-    config["trainer"]["callbacks"].append({"class_path": "probes.FailAt", "init_args": {"step": 2}})
+    config["trainer"]["callbacks"].append(
+        {"class_path": "probes.StopAt", "init_args": {"step": 2, "how": "error"}}
+    )
     failing = write_config(config, tmp_path / "failing.yaml")
-    with pytest.raises(RuntimeError, match="FailAt"), mock.patch.object(sys, "argv", ["distillens"]):
+    with pytest.raises(RuntimeError, match="StopAt"), mock.patch.object(sys, "argv", ["distillens"]):
         main(["fit", "--config", str(failing)])
     last = tmp_path / "tiny" / "checkpoints" / "last.ckpt"
     assert f"RuntimeError at step 2: the newest checkpoint is {last}" in capsys.readouterr().out
