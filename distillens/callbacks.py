@@ -1,6 +1,6 @@
-"""Callbacks: a checkpoint when training stops early, token throughput, a fixed number of sequences per optimizer step whatever the device count, initial
-validation, generation-based evaluation (test and validation), export of the trained student as a Hugging Face
-folder, and lens diagnostics."""
+"""Callbacks: a checkpoint on Ctrl-C, a progress bar counting steps, token throughput, a fixed number of sequences
+per optimizer step whatever the device count, initial validation, generation-based evaluation (test and
+validation), export of the trained student as a Hugging Face folder, and lens diagnostics."""
 
 from __future__ import annotations
 
@@ -29,11 +29,25 @@ from distillens.evaluation import (
 )
 from distillens.lens import LogitLens
 from distillens.objective import token_means
+from distillens.resume import checkpoint_folders
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointOnInterrupt(L.Callback):
+class _AtOptimizerSteps(L.Callback):
+    """Base of callbacks that act once per optimizer step: ``_stepped`` tells, in ``on_train_batch_end``, whether
+    the batch ended one (with gradient accumulation, most micro-batches do not)."""
+
+    _step_at_batch_start = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def _stepped(self, trainer) -> bool:
+        return trainer.global_step != self._step_at_batch_start
+
+
+class CheckpointOnInterrupt(_AtOptimizerSteps):
     """Ctrl-C during fit finishes the optimizer step under way, saves ``last.ckpt`` and stops, saying how to go on.
 
     Periodic checkpoints alone lose the work since the last one. A checkpoint written in the middle of a step
@@ -49,7 +63,6 @@ class CheckpointOnInterrupt(L.Callback):
         self.requested = False
         self.interrupted = False  # a checkpoint was saved on Ctrl-C and fit stopped: the CLI exits with 130
         self._previous_handler = None
-        self._step_at_batch_start = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -62,11 +75,8 @@ class CheckpointOnInterrupt(L.Callback):
             "Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again stops at once, without one)"
         )
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._step_at_batch_start = trainer.global_step
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self._step_at_batch_start:
+        if not self._stepped(trainer):
             return  # gradient accumulation: the optimizer step is not done yet
         requested = self.requested
         if trainer.world_size > 1:
@@ -97,11 +107,13 @@ class CheckpointOnInterrupt(L.Callback):
 
 
 def _last_checkpoint_path(trainer) -> Path | None:
-    """Where the run's first ModelCheckpoint keeps its ``last`` file (None without one, or before it is set up)."""
-    callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
-    if not callbacks or callbacks[0].dirpath is None:
-        return None
-    return Path(callbacks[0].dirpath) / f"{callbacks[0].CHECKPOINT_NAME_LAST}{callbacks[0].FILE_EXTENSION}"
+    """Where the run's first ModelCheckpoint keeps its ``last`` file (None without one)."""
+    folders = checkpoint_folders(trainer)
+    return (
+        folders[0] / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        if folders
+        else None
+    )
 
 
 def planned_steps(trainer) -> int | None:
@@ -166,7 +178,7 @@ def count_steps_in_progress_bar(trainer) -> None:
             trainer.callbacks[index] = counting
 
 
-class TokenThroughput(L.Callback):
+class TokenThroughput(_AtOptimizerSteps):
     """Log ``train/tokens_per_sec``: non-padding tokens trained over the wall time, per logging window, all ranks.
 
     Timed from one logged value to the next (``trainer.log_every_n_steps`` optimizer steps), data loading,
@@ -182,13 +194,9 @@ class TokenThroughput(L.Callback):
         _synchronize(device)
         self._tokens, self._since = 0, time.perf_counter()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._step_at_batch_start = trainer.global_step
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._tokens += int(batch["attention_mask"].sum()) * trainer.world_size
-        stepped = trainer.global_step != self._step_at_batch_start
-        if not stepped or trainer.global_step % trainer.log_every_n_steps:
+        if not self._stepped(trainer) or trainer.global_step % trainer.log_every_n_steps:
             return  # Lightning writes logged values at the same steps
         _synchronize(pl_module.device)
         seconds = max(time.perf_counter() - self._since, 1e-9)

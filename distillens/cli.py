@@ -23,7 +23,7 @@ from distillens.console import (
 )
 from distillens.data import InstructionDataModule
 from distillens.module import DistillationModule
-from distillens.resume import last_checkpoint, resolve_checkpoint
+from distillens.resume import checkpoint_folders, resolve_checkpoint
 from distillens.runs import check_fresh_run, place_run
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class DistillensCLI(LightningCLI):
         """Resolve ``--ckpt_path`` (``last`` included) and refuse a checkpoint of other models, in one line."""
         options = self.config_init[stage]
         if stage == "fit" and options.get("ckpt_path") is None:
-            check_fresh_run(last_checkpoint(self.trainer)[1])
+            check_fresh_run(checkpoint_folders(self.trainer))
         options["ckpt_path"] = resolve_checkpoint(
             self.trainer, options.get("ckpt_path"), self.model.hparams, stage
         )

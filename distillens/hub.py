@@ -83,16 +83,39 @@ def build_once(folder: Path, build: Callable[[Path], None]) -> None:
     wins, the others find `folder` complete and drop their copy. Nobody ever sees a half-written folder, and an
     interrupted build leaves no staging folder behind.
     """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        build(staging)
-        staging.chmod(0o755)  # mkdtemp's folder is private (0700); the published one is an ordinary folder
+
+    def publish(staging: Path) -> None:
         try:
             os.rename(staging, folder)  # atomic; replaces `folder` only if it is an empty directory
         except OSError:
             if not (folder.is_dir() and any(folder.iterdir())):
                 raise
             log.info("%s was built by another process meanwhile; keeping that one", folder)
+
+    _staged(folder, build, publish)
+
+
+def replace_folder(folder: Path, build: Callable[[Path], None]) -> None:
+    """Run `build` into a staging folder beside `folder`, then swap the two and delete the old one: no file of
+    the old folder is left mixed in with the new, and an interrupted build leaves the old folder whole."""
+
+    def publish(staging: Path) -> None:
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+        os.rename(staging, folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+    _staged(folder, build, publish)
+
+
+def _staged(folder: Path, build: Callable[[Path], None], publish: Callable[[Path], None]) -> None:
+    """Build into a private staging folder next to `folder` and publish it; the staging folder never stays."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        build(staging)
+        staging.chmod(0o755)  # mkdtemp's folder is private (0700); the published one is an ordinary folder
+        publish(staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,10 +15,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +34,7 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from distillens.hub import build_once, check_hub_reachable, is_hub_id, offline_requested
+from distillens.hub import build_once, check_hub_reachable, is_hub_id, offline_requested, replace_folder
 from distillens.structure import block_list_name
 
 log = logging.getLogger(__name__)
@@ -478,26 +475,11 @@ def export_student(
         tokenizer.save_pretrained(staging)
 
     if folder.is_dir() and any(folder.iterdir()):
-        _replace_folder(folder, write)
+        replace_folder(folder, write)
     else:
         folder.mkdir(parents=True, exist_ok=True)
         write(folder)
     return folder
-
-
-def _replace_folder(folder: Path, write: Callable[[Path], None]) -> None:
-    """Write a new folder beside ``folder``, then swap the two and delete the old one."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".new", dir=folder.parent))
-    try:
-        write(staging)
-        staging.chmod(0o755)
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(folder, old)
-        os.rename(staging, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def merged_copy(model: PeftModel) -> PreTrainedModel:

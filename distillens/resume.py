@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from distillens.checkpoints import load_checkpoint
+from distillens.checkpoints import LIGHTNING_CKPT_NAMES, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -86,30 +86,37 @@ def saved_hyper_parameters(path: Path) -> dict[str, Any]:
     return dict(load_checkpoint(path, mmap=True).get("hyper_parameters") or {})
 
 
-def last_checkpoint(trainer) -> tuple[Path | None, list[Path]]:
-    """The newest ``last*.ckpt`` of the trainer's checkpoint callbacks (Lightning's ``last``), and where it looked."""
+def checkpoint_folders(trainer) -> list[Path]:
+    """Where the trainer's ModelCheckpoint callbacks write (resolved as Lightning does, before or after setup)."""
+    return [Path(cb._ModelCheckpoint__resolve_ckpt_dir(trainer)) for cb in _model_checkpoints(trainer)]
+
+
+def last_checkpoint(trainer) -> Path | None:
+    """The newest ``last*.ckpt`` of the trainer's checkpoint callbacks: what Lightning's ``last`` means."""
+    found = [Path(p) for cb in _model_checkpoints(trainer) for p in cb._find_last_checkpoints(trainer)]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _model_checkpoints(trainer) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
-    folders = [Path(cb._ModelCheckpoint__resolve_ckpt_dir(trainer)) for cb in callbacks]
-    found = [Path(p) for cb in callbacks for p in cb._find_last_checkpoints(trainer)]
-    newest = max(found, key=lambda p: p.stat().st_mtime) if found else None
-    return newest, folders
+    return [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
 
 
 def resolve_checkpoint(trainer, ckpt_path: str | None, given: Mapping[str, Any], stage: str) -> str | None:
     """The checkpoint a launch starts from, checked against the configured models; None to start fresh."""
-    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
-        return ckpt_path
     if ckpt_path == "last":
-        found, folders = last_checkpoint(trainer)
+        found = last_checkpoint(trainer)
         if found is None:
+            folders = checkpoint_folders(trainer)
             where = ", ".join(str(folder) for folder in folders) or "(no ModelCheckpoint callback configured)"
             if stage != "fit":
                 raise ValueError(f"--ckpt_path last: no last*.ckpt in {where}; nothing to {stage}")
             log.info("--ckpt_path last: no last*.ckpt in %s yet; training starts from step 0", where)
             return None
         ckpt_path = str(found)
+    elif ckpt_path is None or ckpt_path in LIGHTNING_CKPT_NAMES or ckpt_path.startswith("registry:"):
+        return ckpt_path  # Lightning's to resolve
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
