@@ -299,6 +299,12 @@ def _decode_new_tokens(tokenizer: PreTrainedTokenizerBase, new_tokens: torch.Ten
     return texts
 
 
+def several_ranks() -> bool:
+    """Whether several processes generate at once: they then step together (``synced_gpus``), as a sharded
+    model's every forward is a collective."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 @torch.no_grad()
 def generate_ids(
     model: PreTrainedModel,
@@ -350,7 +356,6 @@ def generate(
     paper's evaluation: 6; 0 turns it off). Decoding stops at the tokenizer's eos; seeding, modes and
     `synced_gpus` as `generate_ids`.
     """
-    _check_left_padded(input_ids, attention_mask)
     config = generation_config(
         tokenizer, max_new_tokens, do_sample, top_k, top_p, temperature, no_repeat_ngram_size
     )
@@ -494,7 +499,7 @@ def gather_records(records: Sequence[GenerationRecord]) -> list[GenerationRecord
 
     Every rank must call it (it is a collective) and every rank gets the full list back.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several_ranks():
         return merge_shards([records])
     shards: list[Sequence[GenerationRecord] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(shards, list(records))
@@ -706,7 +711,7 @@ class GenerationEvaluator:
             model, self.tokenizer, batch["input_ids"], batch["attention_mask"], max_new_tokens=s.max_new_tokens,
             do_sample=s.do_sample, top_k=s.top_k, top_p=s.top_p, temperature=s.temperature,
             seed=batch_seed(seed, batch["index"][0]), no_repeat_ngram_size=s.no_repeat_ngram_size,
-            synced_gpus=dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1,
+            synced_gpus=several_ranks(),
         )  # fmt: skip
         return records_from_batch(batch, predictions)
 

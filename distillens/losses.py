@@ -30,6 +30,8 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 """Label value of positions no loss counts (prompt and padding tokens), as Hugging Face losses skip it."""
+HAS_REFERENCE = "has_reference"
+"""Batch key set to False on a batch of the student's own answers (onpolicy.py): cross-entropy has no target there."""
 
 TokenDivergence = Callable[..., Tensor]
 """(student_logits (..., V), teacher_logits (..., V), **params) -> per-token divergence (...)."""

@@ -26,14 +26,13 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 from transformers import PreTrainedModel
 
 from distillens.callbacks import CheckpointOnInterrupt, GenerationEvaluation
 from distillens.distributed import is_sharded, shard_models, sharding_options
-from distillens.evaluation import GenerationSettings, generation_config
+from distillens.evaluation import GenerationSettings, generation_config, several_ranks
 from distillens.models import (
     ModelSpec,
     check_hub_sources,
@@ -214,6 +213,8 @@ class DistillationModule(L.LightningModule):
 
         Every rank draws the same source, so under FSDP all ranks generate together (``synced_gpus``).
         """
+        if not self.on_policy.enabled:
+            return batch  # off: nothing to draw or record
         source = choose_source(self.on_policy, self._draw_seed(CHOICE_STREAM))
         if source == REFERENCE:
             self.rollouts.add(source, None)
@@ -225,7 +226,7 @@ class DistillationModule(L.LightningModule):
         rollout = roll_out(
             self.student if source == STUDENT else self.teacher, batch, config, source=source,
             seed=self._draw_seed(SAMPLING_STREAM, self.global_rank),
-            synced_gpus=dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1,
+            synced_gpus=several_ranks(),
         )  # fmt: skip
         self.rollouts.add(source, rollout)
         return rollout.batch
@@ -247,8 +248,9 @@ class DistillationModule(L.LightningModule):
                 if param.grad is not None:
                     param.grad.mul_(scale)
         self._window_tokens = self._window_batches = 0
-        self._log_rollouts()
-        self.rollouts = RolloutWindow()
+        if self.on_policy.enabled:
+            self._log_rollouts()
+            self.rollouts = RolloutWindow()
 
     def _log_rollouts(self) -> None:
         """The step's fractions of micro-batches answered by the student and by the teacher, its generation time
@@ -257,8 +259,6 @@ class DistillationModule(L.LightningModule):
         The length goes to the loggers directly: a value logged with ``self.log`` on some steps only would be
         repeated by Lightning on the steps in between, which generated nothing.
         """
-        if not self.on_policy.enabled:
-            return
         metrics = self.rollouts.metrics()
         length = metrics.pop("gen_length", None)
         for name, value in metrics.items():

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from distillens.distributed import gathered
 from distillens.lens import LogitLens, lens_loss, naive_lens_loss, projected_divergence
-from distillens.losses import IGNORE_INDEX, check_divergence_params, masked_mse
+from distillens.losses import HAS_REFERENCE, IGNORE_INDEX, check_divergence_params, masked_mse
 from distillens.sampling import LensDraw, check_sampling, draw_lens_subset, exact_draw
 
 
@@ -281,8 +281,7 @@ class Objective:
         labels = batch["labels"]  # (B, T)
         mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        # False on the student's own generated answers (onpolicy.py): the cross-entropy has no target there
-        has_reference = batch.get("has_reference", True)
+        has_reference = batch.get(HAS_REFERENCE, True)
         need_logits = (bool(self.config.ce_weight) and has_reference) or not training
         student_depth = self.student_lens.num_layers if self.teacher is not None else 0
         with self._capture_student(self.student_layers + [student_depth]) as s_hidden:
@@ -291,7 +290,7 @@ class Objective:
         if need_logits:
             terms.sums["ce"] = cross_entropy_sum(s_out.logits[:, :-1], labels[:, 1:])
         elif self.config.ce_weight:
-            # no target: the term adds 0, while these tokens still count in the step's token mean
+            # no target: the term adds 0 (kept so that train/ce is logged on every step)
             terms.sums["ce"] = torch.zeros((), dtype=torch.float32, device=labels.device)
         if self.teacher is None or (training and not self.config.reads_teacher):
             return terms  # plain SFT with a teacher (for initialisation and validation): no teacher forward

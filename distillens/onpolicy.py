@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
-from distillens.data.collate import pad_sequences, position_ids_from_mask
+from distillens.data.collate import TrainingCollator, pad_sequences, position_ids_from_mask
 from distillens.evaluation import generate_ids
-from distillens.losses import IGNORE_INDEX
+from distillens.losses import HAS_REFERENCE, IGNORE_INDEX
 
 REFERENCE, STUDENT, TEACHER = "reference", "student", "teacher"
 """Who wrote a micro-batch's responses: the data set, the student (on-policy) or the teacher (sequence-level KD)."""
@@ -36,8 +36,6 @@ CHOICE_STREAM = 1
 """``sampling.draw_seed`` stream of the choice of a micro-batch's source (0 is the sampled lens's)."""
 SAMPLING_STREAM = 2
 """``sampling.draw_seed`` stream of the answers' sampling, followed by the rank."""
-HAS_REFERENCE = "has_reference"
-"""Batch key set to False on a batch of student answers: the cross-entropy term has no target there."""
 
 
 @dataclass
@@ -154,23 +152,16 @@ def rebuild(
         has_reference: False for the student's own answers, on which the cross-entropy term has no target.
     """
     prompts = prompt_lengths(batch).tolist()
-    rows = [
-        torch.cat([ids[:prompt], answer[:length]])
-        for ids, prompt, answer, length in zip(
-            batch["input_ids"], prompts, new_ids, lengths.tolist(), strict=True
-        )
+    rows = zip(batch["input_ids"].cpu(), prompts, new_ids.cpu(), lengths.tolist(), strict=True)
+    features = [
+        {"input_ids": torch.cat([ids[:prompt], answer[:length]]).tolist(), "prompt_length": prompt}
+        for ids, prompt, answer, length in rows
     ]
-    input_ids, attention_mask = pad_sequences(rows, pad_id, "right", None)  # (B, T'), (B, T')
-    in_prompt = torch.arange(input_ids.shape[1]) < torch.tensor(prompts)[:, None]  # (B, T')
-    labels = input_ids.masked_fill(in_prompt | (attention_mask == 0), IGNORE_INDEX)  # (B, T')
+    rebuilt = TrainingCollator(pad_id)(
+        features
+    )  # right-padded, labels on the answers: as the data is collated
     device = batch["input_ids"].device
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": attention_mask.to(device),
-        "labels": labels.to(device),
-        "position_ids": position_ids_from_mask(attention_mask).to(device),  # (B, T')
-        HAS_REFERENCE: has_reference,
-    }
+    return {name: tensor.to(device) for name, tensor in rebuilt.items()} | {HAS_REFERENCE: has_reference}
 
 
 @dataclass(frozen=True)

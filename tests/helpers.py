@@ -62,3 +62,17 @@ def write_config(config: dict, path: Path) -> Path:
     """``config`` written as YAML to ``path``, for ``--config``."""
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def scalars(event_files, names=None) -> dict[str, dict[int, float]]:
+    """TensorBoard scalars of ``event_files`` (in the order given) as {tag: {step: value}}; ``names`` keeps those
+    tags only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, dict[int, float]] = {}
+    for path in event_files:
+        events = EventAccumulator(str(path)).Reload()
+        for name in events.Tags()["scalars"]:
+            if names is None or name in names:
+                found.setdefault(name, {}).update({e.step: e.value for e in events.Scalars(name)})
+    return found
