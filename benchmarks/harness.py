@@ -21,6 +21,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from distillens.allocator import keep_freed_memory
+
+keep_freed_memory()  # every benchmark measures the host allocator that training uses (distillens.cli.main)
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH_OUT = REPO / "logs" / "bench"
 # no dropout: variants then see the same computation and their losses can be compared

@@ -7,6 +7,7 @@ meaningful. Only the objective (model.loss) and the precision change between var
     kd     final-layer KD only (lens_weight 0)
     exact  DistillLens, every layer pair (the chunked lens)
     m1     DistillLens, one layer pair drawn per step (lens_pairs_per_step 1): an unbiased estimate of the lens term
+    eager  DistillLens exact with the divergences' eager kernels (fused false): what the compiled kernels save
     fp32   32-true;  bf16  bf16-mixed (torch.autocast: bf16 matrix products, fp32 weights and divergences)
 
 Each row gives tokens/s, the step-time ratio to KD only at the same precision, the FLOP-limit ratio (the variant's
@@ -38,6 +39,7 @@ OBJECTIVES: dict[str, dict] = {
     "kd": {"lens_weight": 0.0},
     "exact": {},
     "m1": {"lens_pairs_per_step": 1},
+    "eager": {"fused": False},
 }
 """Objective name -> LossConfig fields changed from the workload's DistillLens objective."""
 PRECISIONS = {"fp32": False, "bf16": True}

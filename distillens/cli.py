@@ -11,6 +11,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from distillens.allocator import keep_freed_memory
 from distillens.callbacks import count_steps_in_progress_bar
 from distillens.checkpoints import check_checkpoint_file
 from distillens.commands import COMMANDS, command_parser, run_command
@@ -129,6 +130,7 @@ def main(args: list[str] | None = None) -> None:
     if from_command_line:
         sys.argv = sys.argv[:1] + args  # LightningCLI reads sys.argv itself
     route_logging()
+    keep_freed_memory()  # steps reuse freed host memory instead of faulting in fresh pages (allocator.py)
     with user_errors_as_one_line(debug):
         check_config_files(args)
         if args[:1] and args[0] in COMMANDS:

@@ -20,7 +20,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from distillens.losses import TOKEN_GRADIENTS, get_token_divergence
+from distillens import fused as fused_kernels
+from distillens.losses import get_token_divergence
 from distillens.structure import blocks_of, decoder_of, final_norm_of, unembedding_of
 
 
@@ -147,6 +148,7 @@ def projected_divergence(
     divergence: str = "jsd",
     chunk_size: int = 256,
     reduction: str = "mean",
+    fused: bool = False,
     **params: float,
 ) -> tuple[Tensor, Tensor]:
     """Divergence between the vocabulary distributions two projections give of aligned hidden states.
@@ -162,6 +164,7 @@ def projected_divergence(
         chunk_size: rows projected at once; bounds peak memory at about chunk_size x V per model.
         reduction: "mean" averages over supervised tokens; "sum" returns the token sum (still averaged over pairs),
             for callers that normalise by a token count gathered across micro-batches and ranks.
+        fused: run the divergence's closed-form value and gradient as a compiled kernel (fused.py), when it has one.
         **params: the divergence's parameters (``temperature``, ``beta``, ...).
 
     Returns:
@@ -182,7 +185,9 @@ def projected_divergence(
     row_weight = 1.0 / pairs / (max(count, 1) if reduction == "mean" else 1)
     tracking = torch.is_grad_enabled()  # under no_grad (validation) no gradient is computed chunk by chunk
     student_params = [p for p in student_projection.parameters() if p.requires_grad] if tracking else []
-    chunks = _ChunkPlan(student_projection, teacher_projection, divergence, params, chunk_size, row_weight)
+    chunks = _ChunkPlan(
+        student_projection, teacher_projection, divergence, params, chunk_size, row_weight, fused
+    )
     loss, per_row = _ChunkedLensDivergence.apply(
         chunks, student_rows if tracking else student_rows.detach(), teacher_rows, *student_params
     )
@@ -208,22 +213,27 @@ def lens_loss(
 
 
 class _ChunkPlan:
-    """What every chunk of the lens loss needs: the two lenses, the divergence and its parameters, the row weight."""
+    """What every chunk of the lens loss needs: the two lenses, the divergence and its parameters, the row weight,
+    and whether its closed-form kernels run compiled."""
 
-    def __init__(self, student_lens, teacher_lens, divergence, params, chunk_size, row_weight):
+    def __init__(self, student_lens, teacher_lens, divergence, params, chunk_size, row_weight, fused=False):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.student_lens, self.teacher_lens = student_lens, teacher_lens
-        self.token_fn = get_token_divergence(divergence)
-        self.value_and_grad = TOKEN_GRADIENTS.get(divergence)
+        self.divergence, self.token_fn = divergence, get_token_divergence(divergence)
+        self.closed_form, self.fused = fused_kernels.has_kernel(divergence), fused
         self.params, self.chunk_size, self.row_weight = params, chunk_size, row_weight
 
     def values(self, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
         """Per-row divergences of one chunk, no gradient: (n, d_s), (n, d_t) -> (n,)."""
         with torch.no_grad():
-            return self.token_fn(
-                self.student_lens.logits(student_rows), self.teacher_lens.logits(teacher_rows), **self.params
-            )
+            student_logits = self.student_lens.logits(student_rows)  # (n, V)
+            teacher_logits = self.teacher_lens.logits(teacher_rows)  # (n, V)
+            if self.fused and self.closed_form:
+                return fused_kernels.values(
+                    self.divergence, student_logits, teacher_logits, fused=True, **self.params
+                )
+            return self.token_fn(student_logits, teacher_logits, **self.params)
 
     def values_and_grads(self, student_rows: Tensor, teacher_rows: Tensor, wanted: list[Tensor]):
         """Per-row divergences (n,) and the gradients of their weighted sum with respect to ``wanted``.
@@ -235,11 +245,16 @@ class _ChunkPlan:
             teacher_logits = self.teacher_lens.logits(teacher_rows)  # (n, V)
         with torch.enable_grad():
             student_logits = self.student_lens.logits(student_rows)  # (n, V)
-            if self.value_and_grad is not None:
-                values, grad_logits = self.value_and_grad(
-                    student_logits.detach(), teacher_logits, **self.params
-                )
-                grad_logits = grad_logits.mul_(self.row_weight).to(student_logits.dtype)  # (n, V)
+            if self.closed_form:
+                weight = torch.tensor(self.row_weight, device=student_logits.device)  # 0-dim fp32
+                values, grad_logits = fused_kernels.value_and_weighted_grad(
+                    self.divergence,
+                    student_logits.detach(),
+                    teacher_logits,
+                    weight,
+                    fused=self.fused,
+                    **self.params,
+                )  # (n,), (n, V) in the student logits' dtype
                 grads = torch.autograd.grad(student_logits, wanted, grad_logits, allow_unused=True)
             else:
                 values = self.token_fn(student_logits, teacher_logits, **self.params)  # (n,)

@@ -10,6 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distillens"
 LAYERS = [
     {
         "losses",
+        "fused",
+        "allocator",
         "structure",
         "hub",
         "checkpoints",
