@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from distillens.losses import TOKEN_GRADIENTS
 
@@ -148,7 +149,9 @@ _UNAVAILABLE: dict[str, str] = {}
 
 def _run(entry: str, divergence: str, fused: bool, student_logits: Tensor, *args, **params):
     device = student_logits.device.type
-    if not fused or device in _UNAVAILABLE:
+    # under a dispatch mode (FLOP counting, debugging) the kernel compiled then would be kept for every later call,
+    # and it runs op by op (measured: a bench-train step as slow as eager after one FLOP-counted step)
+    if not fused or device in _UNAVAILABLE or is_in_torch_dispatch_mode():
         return _ENTRY_POINTS[entry](TOKEN_GRADIENTS[divergence])(student_logits, *args, **params)
     key = (entry, divergence)
     if key not in _COMPILED:

@@ -246,7 +246,7 @@ class _ChunkPlan:
         with torch.enable_grad():
             student_logits = self.student_lens.logits(student_rows)  # (n, V)
             if self.closed_form:
-                weight = torch.tensor(self.row_weight, device=student_logits.device)  # 0-dim fp32
+                weight = torch.tensor(self.row_weight, dtype=torch.float32, device=student_logits.device)
                 values, grad_logits = fused_kernels.value_and_weighted_grad(
                     self.divergence,
                     student_logits.detach(),

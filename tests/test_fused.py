@@ -156,3 +156,19 @@ def test_a_fit_with_fused_kernels_logs_the_curves_of_an_eager_fit(tmp_path):
         assert curves[True][name].keys() == eager.keys()
         for step, value in eager.items():
             assert curves[True][name][step] == pytest.approx(value, rel=1e-4), (name, step)
+
+
+def test_under_a_dispatch_mode_the_eager_kernel_runs_and_nothing_is_compiled(monkeypatch):
+    """A kernel compiled under FLOP counting would be reused afterwards and run op by op: compile only outside."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    student, teacher = logits(4, torch.float32, 7), logits(4, torch.float32, 8)
+    with FlopCounterMode(display=False):
+        values, grad = fused.value_and_weighted_grad("jsd", student, teacher, torch.tensor(1.0), fused=True)
+    assert fused._COMPILED == {}
+    eager_values, eager_grad = losses.TOKEN_GRADIENTS["jsd"](student, teacher)
+    torch.testing.assert_close(values, eager_values)
+    torch.testing.assert_close(grad, eager_grad)
+    fused.value_and_weighted_grad("jsd", student, teacher, torch.tensor(1.0), fused=True)
+    assert ("value_and_grad", "jsd") in fused._COMPILED
