@@ -23,7 +23,7 @@ import train_speed  # noqa: E402
 def test_bench_train_reports_every_objective_and_precision_with_flop_ratios(tmp_path):
     record = train_speed.main(["--workload", "tiny", "--rounds", "1", "--out", str(tmp_path)])
     rows = {(r["objective"], r["precision"]): r for r in record["rows"]}
-    assert set(rows) == {(o, p) for o in ("kd", "exact", "m1") for p in ("fp32", "bf16")}
+    assert set(rows) == {(o, p) for o in ("kd", "exact", "m1", "eager") for p in ("fp32", "bf16")}
     pairs = len(train_speed.WORKLOADS["tiny"].student_layers)
     for precision in ("fp32", "bf16"):
         kd, exact, m1 = (rows[o, precision]["flops"] for o in ("kd", "exact", "m1"))
@@ -34,10 +34,13 @@ def test_bench_train_reports_every_objective_and_precision_with_flop_ratios(tmp_
     assert (
         rows["exact", "fp32"]["flops"] == rows["exact", "bf16"]["flops"]
     )  # autocast changes dtypes, not work
+    assert (
+        rows["eager", "fp32"]["flops"] == rows["exact", "fp32"]["flops"]
+    )  # the kernels' fusion changes no work
     for row in rows.values():
         assert row["tokens_per_sec"] > 0 and row["gflops_per_sec"] > 0 and len(row["seconds"]) == 1
     saved = json.loads((tmp_path / "train_speed_tiny_cpu.json").read_text())
-    assert len(saved["rows"]) == 6
+    assert len(saved["rows"]) == 8
 
 
 def test_profile_times_every_part_of_a_step_and_matches_the_modules_objective(tmp_path):
