@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillens import fused as fused_kernels
@@ -81,18 +82,39 @@ class LogitLens:
                     seen.add(id(param))
                     yield param
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """U(norm(h)) plus the family's post-processing; ``hidden`` (..., d) raw residual stream -> (..., V)."""
+    def logits(self, hidden: Tensor, unembedding_weight: Tensor | None = None) -> Tensor:
+        """U(norm(h)) plus the family's post-processing; ``hidden`` (..., d) raw residual stream -> (..., V).
+
+        ``unembedding_weight`` stands in for the unembedding's own weight (``cast_unembedding``'s copy).
+        """
         if self.apply_final_norm and self.norm is not None:
             hidden = self.norm(hidden)  # (..., d)
         if self.output_projection is not None:
             hidden = self.output_projection(hidden)  # (..., d_out)
-        logits = self.unembedding(hidden)  # (..., V)
+        if unembedding_weight is None:
+            logits = self.unembedding(hidden)  # (..., V)
+        else:
+            logits = F.linear(hidden, unembedding_weight, self.unembedding.bias)  # (..., V)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def cast_unembedding(self) -> Tensor | None:
+        """The unembedding weight (V, d) cast once to the autocast dtype in force, detached; None without autocast,
+        when the weight already has that dtype, or for an unembedding that is not a plain ``nn.Linear``.
+
+        Autocast casts a weight at every use and keeps the copy only for parameters that require a gradient: a
+        chunked loss would cast the frozen teacher's unembedding once per chunk and, for the student's, turn each
+        chunk's weight gradient back to fp32 on its own. Used in place of the weight, one copy serves every chunk
+        with the same values.
+        """
+        weight = getattr(self.unembedding, "weight", None)
+        if not isinstance(self.unembedding, nn.Linear) or not torch.is_autocast_enabled(weight.device.type):
+            return None
+        dtype = torch.get_autocast_dtype(weight.device.type)
+        return None if weight.dtype == dtype else weight.detach().to(dtype)  # (V, d)
 
     def check_layers(self, layers: Sequence[int]) -> None:
         """Raise a clear error for any index outside 0..L."""
@@ -186,7 +208,14 @@ def projected_divergence(
     tracking = torch.is_grad_enabled()  # under no_grad (validation) no gradient is computed chunk by chunk
     student_params = [p for p in student_projection.parameters() if p.requires_grad] if tracking else []
     chunks = _ChunkPlan(
-        student_projection, teacher_projection, divergence, params, chunk_size, row_weight, fused
+        student_projection,
+        teacher_projection,
+        divergence,
+        params,
+        chunk_size,
+        row_weight,
+        fused,
+        student_params,
     )
     loss, per_row = _ChunkedLensDivergence.apply(
         chunks, student_rows if tracking else student_rows.detach(), teacher_rows, *student_params
@@ -214,21 +243,44 @@ def lens_loss(
 
 class _ChunkPlan:
     """What every chunk of the lens loss needs: the two lenses, the divergence and its parameters, the row weight,
-    and whether its closed-form kernels run compiled."""
+    whether its closed-form kernels run compiled, and the tensors the chunks differentiate.
 
-    def __init__(self, student_lens, teacher_lens, divergence, params, chunk_size, row_weight, fused=False):
+    Under autocast both unembedding weights are cast once for all chunks (``LogitLens.cast_unembedding``); the
+    student's copy is then what each chunk differentiates, in the place of its parameter in ``differentiated``, and
+    its gradients are summed into that parameter's fp32 accumulator as before.
+    """
+
+    def __init__(
+        self,
+        student_lens,
+        teacher_lens,
+        divergence,
+        params,
+        chunk_size,
+        row_weight,
+        fused=False,
+        student_params=(),
+    ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.student_lens, self.teacher_lens = student_lens, teacher_lens
         self.divergence, self.token_fn = divergence, get_token_divergence(divergence)
         self.closed_form, self.fused = fused_kernels.has_kernel(divergence), fused
         self.params, self.chunk_size, self.row_weight = params, chunk_size, row_weight
+        self.teacher_weight = teacher_lens.cast_unembedding()  # (V, d_t) or None
+        self.student_weight = student_lens.cast_unembedding()  # (V, d_s) or None
+        own = getattr(student_lens.unembedding, "weight", None)
+        if self.student_weight is not None and own is not None and own.requires_grad:
+            self.student_weight.requires_grad_()
+        self.differentiated = [
+            self.student_weight if p is own and self.student_weight is not None else p for p in student_params
+        ]
 
     def values(self, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
         """Per-row divergences of one chunk, no gradient: (n, d_s), (n, d_t) -> (n,)."""
         with torch.no_grad():
-            student_logits = self.student_lens.logits(student_rows)  # (n, V)
-            teacher_logits = self.teacher_lens.logits(teacher_rows)  # (n, V)
+            student_logits = self.student_lens.logits(student_rows, self.student_weight)  # (n, V)
+            teacher_logits = self.teacher_lens.logits(teacher_rows, self.teacher_weight)  # (n, V)
             if self.fused and self.closed_form:
                 return fused_kernels.values(
                     self.divergence, student_logits, teacher_logits, fused=True, **self.params
@@ -242,9 +294,9 @@ class _ChunkPlan:
         (norm + unembedding); otherwise it also runs through the divergence.
         """
         with torch.no_grad():
-            teacher_logits = self.teacher_lens.logits(teacher_rows)  # (n, V)
+            teacher_logits = self.teacher_lens.logits(teacher_rows, self.teacher_weight)  # (n, V)
         with torch.enable_grad():
-            student_logits = self.student_lens.logits(student_rows)  # (n, V)
+            student_logits = self.student_lens.logits(student_rows, self.student_weight)  # (n, V)
             if self.closed_form:
                 weight = torch.tensor(self.row_weight, dtype=torch.float32, device=student_logits.device)
                 values, grad_logits = fused_kernels.value_and_weighted_grad(
@@ -289,7 +341,7 @@ class _ChunkedLensDivergence(torch.autograd.Function):
                 per_row[chunk] = plan.values(student_rows[chunk], teacher_rows[chunk])
                 continue
             rows = student_rows[chunk].detach().requires_grad_(needs_grad[0])  # (n, d_s)
-            wanted = [t for t, need in zip([rows, *student_params], needs_grad, strict=True) if need]
+            wanted = [t for t, need in zip([rows, *plan.differentiated], needs_grad, strict=True) if need]
             per_row[chunk], chunk_grads = plan.values_and_grads(rows, teacher_rows[chunk], wanted)
             _accumulate(grads, needs_grad, chunk_grads, chunk)
         ctx.save_for_backward(*[g for g in grads if g is not None])

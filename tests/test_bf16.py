@@ -143,3 +143,48 @@ def test_initial_validation_runs_in_the_trainers_precision(precision, autocast, 
     )  # fmt: skip
     InitialValidation().on_train_start(trainer, Module())
     assert seen == [autocast]
+
+
+def test_under_autocast_each_unembedding_is_cast_once_per_call_with_the_per_chunk_casts_results(monkeypatch):
+    """The chunked loss casts the (V, d) unembeddings once for all its chunks (autocast would cast the frozen
+    teacher's at every chunk, and turn each chunk's student weight gradient back to fp32 on its own): the loss and
+    every gradient are those of the per-chunk casts, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class WeightCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == (VOCAB, 32):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        torch.manual_seed(3)
+        student, teacher = (
+            nn.Linear(32, VOCAB, bias=False),
+            nn.Linear(32, VOCAB, bias=False).requires_grad_(False),
+        )
+        norm = nn.RMSNorm(32)
+        hidden_s = torch.randn(2, 9, 32, requires_grad=True)  # (B, T, d)
+        hidden_t = torch.randn(2, 9, 32)
+        mask = torch.ones(2, 9, dtype=torch.bool)
+        lenses = LogitLens.from_parts(norm, student), LogitLens.from_parts(None, teacher)
+        with WeightCasts() as casts, torch.autocast("cpu", torch.bfloat16):
+            loss, _ = lens_loss([hidden_s], [hidden_t], *lenses, mask, "jsd", chunk_size=4, reduction="sum")
+            loss.backward()
+        return loss.detach(), [hidden_s.grad, student.weight.grad, norm.weight.grad], casts.count
+
+    loss, grads, casts = run()
+    assert casts == 2, casts  # the teacher and the student weight, once each (18 rows: 5 chunks of 4)
+    monkeypatch.setattr(
+        LogitLens, "cast_unembedding", lambda self: None
+    )  # autocast's own cast at every chunk
+    per_chunk_loss, per_chunk_grads, per_chunk_casts = run()
+    assert per_chunk_casts == 11, per_chunk_casts  # 5 teacher casts, 1 student cast, 5 gradients to fp32
+    assert torch.equal(loss, per_chunk_loss)
+    for got, expected in zip(grads, per_chunk_grads, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

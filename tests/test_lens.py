@@ -219,9 +219,9 @@ def test_lens_loss_projects_one_chunk_at_a_time_and_each_row_once(pair_setup):
     seen: list[int] = []
     original = LogitLens.logits
 
-    def spy(self, hidden):
+    def spy(self, hidden, *weight):
         seen.append(hidden.shape[0])
-        return original(self, hidden)
+        return original(self, hidden, *weight)
 
     with s_lens.capture([1, 2]) as hs, t_lens.capture([3, 6]) as ht:
         student(tokens)
