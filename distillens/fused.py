@@ -125,9 +125,8 @@ def values(
 def _value_and_weighted_grad(closed_form: Kernel) -> Callable:
     def value_and_weighted_grad(student_logits: Tensor, teacher_logits: Tensor, weight: Tensor, **params):
         row_values, grad = closed_form(student_logits, teacher_logits, **params)  # (n,), (n, V) fp32
-        return row_values, grad.mul_(weight).to(
-            student_logits.dtype
-        )  # (n, V), in place: eager keeps one (n, V) fp32
+        # in place: eagerly, one (n, V) fp32 tensor stays alive
+        return row_values, grad.mul_(weight).to(student_logits.dtype)  # (n, V)
 
     return value_and_weighted_grad
 
