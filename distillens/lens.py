@@ -102,19 +102,24 @@ class LogitLens:
         return logits
 
     def cast_unembedding(self) -> Tensor | None:
-        """The unembedding weight (V, d) cast once to the autocast dtype in force, detached; None without autocast,
-        when the weight already has that dtype, or for an unembedding that is not a plain ``nn.Linear``.
+        """The unembedding weight (V, d) cast once to the autocast dtype in force, as a leaf that requires a gradient
+        when the weight does; None without autocast, when the weight already has that dtype, or for an unembedding
+        that is not a plain ``nn.Linear``.
 
         Autocast casts a weight at every use and keeps the copy only for parameters that require a gradient: a
         chunked loss would cast the frozen teacher's unembedding once per chunk and, for the student's, turn each
         chunk's weight gradient back to fp32 on its own. Used in place of the weight, one copy serves every chunk
         with the same values.
         """
-        weight = getattr(self.unembedding, "weight", None)
-        if not isinstance(self.unembedding, nn.Linear) or not torch.is_autocast_enabled(weight.device.type):
+        if not isinstance(self.unembedding, nn.Linear):
+            return None
+        weight = self.unembedding.weight  # (V, d)
+        if not torch.is_autocast_enabled(weight.device.type):
             return None
         dtype = torch.get_autocast_dtype(weight.device.type)
-        return None if weight.dtype == dtype else weight.detach().to(dtype)  # (V, d)
+        if weight.dtype == dtype:
+            return None
+        return weight.detach().to(dtype).requires_grad_(weight.requires_grad)  # (V, d)
 
     def check_layers(self, layers: Sequence[int]) -> None:
         """Raise a clear error for any index outside 0..L."""
@@ -269,12 +274,10 @@ class _ChunkPlan:
         self.params, self.chunk_size, self.row_weight = params, chunk_size, row_weight
         self.teacher_weight = teacher_lens.cast_unembedding()  # (V, d_t) or None
         self.student_weight = student_lens.cast_unembedding()  # (V, d_s) or None
-        own = getattr(student_lens.unembedding, "weight", None)
-        if self.student_weight is not None and own is not None and own.requires_grad:
-            self.student_weight.requires_grad_()
-        self.differentiated = [
-            self.student_weight if p is own and self.student_weight is not None else p for p in student_params
-        ]
+        self.differentiated = list(student_params)
+        if self.student_weight is not None:  # a plain nn.Linear: its weight stands in for itself
+            own = student_lens.unembedding.weight
+            self.differentiated = [self.student_weight if p is own else p for p in student_params]
 
     def values(self, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
         """Per-row divergences of one chunk, no gradient: (n, d_s), (n, d_t) -> (n,)."""

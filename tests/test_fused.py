@@ -49,9 +49,9 @@ def test_the_compiled_kernel_equals_the_eager_closed_form_for_any_row_count(name
         torch.testing.assert_close(no_grad_values, eager_values, rtol=1e-5, atol=1e-6)
 
 
-def test_the_compiled_kernel_takes_a_new_weight_without_recompiling():
-    torch._dynamo.reset()
-    fused._COMPILED.clear()
+def test_the_compiled_kernel_takes_a_new_weight_without_recompiling(monkeypatch):
+    torch._dynamo.reset()  # no earlier test's entries for this code object: the first call below compiles afresh
+    monkeypatch.setattr(fused, "_COMPILED", {})
     student, teacher = logits(8, torch.float32, 3), logits(8, torch.float32, 4)
     grads = []
     with torch._dynamo.config.patch(error_on_recompile=True):
