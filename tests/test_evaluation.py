@@ -494,4 +494,6 @@ def test_write_results_writes_json_markdown_and_answers(tmp_path):
         "prompt": "p",
         "references": REFERENCES[1],
         "prediction": runs["vicuna"][20][1].prediction,
+        "new_tokens": None,  # unknown for records built by hand
+        "ended": None,
     }

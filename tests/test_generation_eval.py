@@ -303,7 +303,14 @@ def test_ddp_gather_returns_each_example_once_in_order_on_every_rank(tmp_path):
         _rank_gathers, args=(world_size, _free_port(), size, str(tmp_path)), nprocs=world_size, join=True
     )
     expected = [
-        {"index": i, "prompt": f"q{i}", "references": [f"a{i}"], "prediction": f"q{i} by rank {i % 2}"}
+        {
+            "index": i,
+            "prompt": f"q{i}",
+            "references": [f"a{i}"],
+            "prediction": f"q{i} by rank {i % 2}",
+            "new_tokens": None,
+            "ended": None,
+        }
         for i in range(size)
     ]
     for rank in range(world_size):
