@@ -29,13 +29,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
+
+from distillens.intervals import paired_bootstrap
+from distillens.measures import DIAGNOSTICS
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "configs" / "replicate"
 METHODS = PRESETS / "methods"
 PROPOSED = "distillens"  # the row every baseline is compared with, seed by seed
 TEACHER = "teacher"
+AVERAGE = "average"  # the mean over a run's test sets, beside each set
+DECODINGS = {"sampled": "eval", "greedy": "eval-greedy"}
+"""How a run's answers are generated -> the folder of its scores: the preset's sampling seeds, and greedy."""
 
 
 @dataclass
@@ -52,6 +59,20 @@ class Preset:
     test_args: list[str] = field(default_factory=list)
     score_teacher: bool = True
     curve: str = "val/ce"
+    decodings: list[str] = field(default_factory=lambda: ["sampled", "greedy"])
+    """How every run is scored: "sampled" (the paper's protocol, under each generation seed, in eval/) and "greedy"
+    (one pass, in eval-greedy/)."""
+    overlays: str = "configs/replicate/methods"
+    """Folder of the method overlays, relative to the repository."""
+    proposed: str = PROPOSED
+    """The method every other one is compared with, seed by seed and prompt by prompt."""
+
+    @property
+    def overlay_folder(self) -> Path:
+        return ROOT / self.overlays
+
+    def overlay(self, method: str) -> Path:
+        return self.overlay_folder / f"{method}.yaml"
 
     @classmethod
     def load(cls, name: str) -> Preset:
@@ -65,9 +86,13 @@ class Preset:
             raise SystemExit(f"replicate: {path}: unknown field(s) {sorted(unknown)}")
         values.pop("description", None)
         preset = cls(name=name, **values)
-        missing = [m for m in preset.methods if not (METHODS / f"{m}.yaml").is_file()]
+        if not preset.decodings or set(preset.decodings) - set(DECODINGS):
+            raise SystemExit(
+                f"replicate: {path}: decodings {preset.decodings}: use some of {list(DECODINGS)}"
+            )
+        missing = [m for m in preset.methods if not preset.overlay(m).is_file()]
         if missing:
-            raise SystemExit(f"replicate: {path}: no method overlay for {missing} in {METHODS}")
+            raise SystemExit(f"replicate: {path}: no method overlay for {missing} in {preset.overlay_folder}")
         return preset
 
 
@@ -83,13 +108,18 @@ class Run:
     def label(self) -> str:
         return self.method if self.seed is None else f"{self.method}/seed{self.seed}"
 
-    @property
-    def results(self) -> Path:
-        return self.folder / "eval" / "results.json"
+    def results_of(self, decoding: str) -> Path:
+        return self.folder / DECODINGS[decoding] / "results.json"
 
     @property
     def student(self) -> Path:
         return self.folder / "student"
+
+    @property
+    def finished(self) -> Path:
+        """Written when the fit process ended normally, i.e. training reached its planned end; an interrupted fit
+        (Ctrl-C exits 130) or a crashed one leaves no marker, whatever else its folder holds."""
+        return self.folder / "fit.finished"
 
 
 def plan(preset: Preset, out: Path) -> list[Run]:
@@ -126,7 +156,7 @@ def configs(preset: Preset) -> list[str]:
 def fit_command(preset: Preset, run: Run) -> list[str]:
     """`distillens fit` of one method and seed; the run folder is the logger's <save_dir>/<name>/<version>."""
     command = cli(
-        "fit", *configs(preset), "--config", str(METHODS / f"{run.method}.yaml"),
+        "fit", *configs(preset), "--config", str(preset.overlay(run.method)),
         "--seed_everything", str(run.seed), "--data.seed", str(run.seed),
         "--trainer.logger.init_args.save_dir", str(run.folder.parents[1]),
         "--trainer.logger.init_args.name", run.method,
@@ -138,17 +168,25 @@ def fit_command(preset: Preset, run: Run) -> list[str]:
     return command
 
 
-def generation_args(preset: Preset, run: Run) -> list[str]:
+def generation_args(preset: Preset, run: Run, decoding: str = "sampled") -> list[str]:
+    """Scoring settings of one decoding: the preset's sampling seeds, or one greedy pass."""
+    folder = run.results_of(decoding).parent
+    greedy = ["--model.generation.do_sample", "false"] if decoding == "greedy" else []
+    seeds = [0] if decoding == "greedy" else preset.generation_seeds
     return [
-        "--model.generation.seeds", json.dumps(preset.generation_seeds),
+        "--model.generation.seeds", json.dumps(seeds),
         "--model.generation.metrics", json.dumps(preset.metrics),
-        "--model.generation.output_dir", str(run.results.parent),
-        "--trainer.logger", "false", "--trainer.default_root_dir", str(run.results.parent),
-        *preset.test_args,
+        "--model.generation.output_dir", str(folder),
+        "--trainer.logger", "false", "--trainer.default_root_dir", str(folder),
+        *preset.test_args, *greedy,
     ]  # fmt: skip
 
 
-def test_command(preset: Preset, run: Run) -> list[str]:
+def decodings(preset: Preset) -> list[str]:
+    return preset.decodings
+
+
+def test_command(preset: Preset, run: Run, decoding: str = "sampled") -> list[str]:
     """`distillens test` of the exported student alone (no teacher, the student's own folder and tokenizer)."""
     return cli(
         "test", *configs(preset),
@@ -156,14 +194,15 @@ def test_command(preset: Preset, run: Run) -> list[str]:
         "--model.student.config", "null", "--model.student.tokenizer", "null",
         "--model.student.source", str(run.student),
         "--model.loss.ce_weight", "1", "--model.loss.kd_weight", "0", "--model.loss.lens_weight", "0",
-        "--model.loss.mse_weight", "0", *generation_args(preset, run),
+        "--model.loss.mse_weight", "0", *generation_args(preset, run, decoding),
     )  # fmt: skip
 
 
-def teacher_command(preset: Preset, run: Run) -> list[str]:
+def teacher_command(preset: Preset, run: Run, decoding: str = "sampled") -> list[str]:
     return cli(
-        "test", *configs(preset), "--model.generation.generator", "teacher", *generation_args(preset, run)
-    )
+        "test", *configs(preset), "--model.generation.generator", "teacher",
+        *generation_args(preset, run, decoding),
+    )  # fmt: skip
 
 
 def execute(command: list[str], log: Path, label: str, in_process: bool = False) -> None:
@@ -187,24 +226,83 @@ def run_all(preset: Preset, out: Path, in_process: bool = False) -> list[Run]:
     """Train and score every run not finished yet; returns every run, the teacher's first when scored."""
     runs = plan(preset, out)
     teacher = Run(TEACHER, None, out / TEACHER)
-    if preset.score_teacher and not teacher.results.is_file():
-        execute(teacher_command(preset, teacher), teacher.folder / "test.log", teacher.label, in_process)
+    for decoding in decodings(preset) if preset.score_teacher else []:
+        if not teacher.results_of(decoding).is_file():
+            command = teacher_command(preset, teacher, decoding)
+            execute(command, teacher.folder / "test.log", f"{teacher.label} ({decoding})", in_process)
     for run in runs:
-        if not (run.student / "config.json").is_file():
+        if not run.finished.is_file():
             execute(fit_command(preset, run), run.folder / "fit.log", f"fit {run.label}", in_process)
-        if not run.results.is_file():
-            execute(test_command(preset, run), run.folder / "test.log", f"test {run.label}", in_process)
+            run.finished.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {commit()}\n", encoding="utf-8")
+        for decoding in decodings(preset):
+            if not run.results_of(decoding).is_file():
+                command = test_command(preset, run, decoding)
+                execute(command, run.folder / "test.log", f"test {run.label} ({decoding})", in_process)
     return ([teacher] if preset.score_teacher else []) + runs
+
+
+def commit() -> str:
+    """The commit the study runs on (recorded with each finished fit), with "+changes" for a dirty tree."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True
+    )
+    return (head.stdout.strip() or "unknown") + ("+changes" if dirty.stdout.strip() else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The table
 
 
-def run_scores(run: Run) -> dict[str, float]:
-    """A run's scores: the mean over generation seeds of each metric, averaged over its test sets."""
-    results = json.loads(run.results.read_text(encoding="utf-8"))
-    return dict(results["average"]["mean"])
+def run_scores(run: Run, decoding: str = "sampled", test_set: str = AVERAGE) -> dict[str, float]:
+    """A run's scores on one test set (or averaged over its sets): the mean over generation seeds of each
+    measure (metrics, their scores against other prompts' references, prompt gaps, diagnostics)."""
+    results = json.loads(run.results_of(decoding).read_text(encoding="utf-8"))
+    summary = results["average"] if test_set == AVERAGE else results["sets"][test_set]
+    return dict(summary["mean"])
+
+
+def test_sets(run: Run, decoding: str) -> list[str]:
+    """The test sets a run was scored on, then the average over them when there are several."""
+    names = list(json.loads(run.results_of(decoding).read_text(encoding="utf-8"))["sets"])
+    return names + ([AVERAGE] if len(names) > 1 else [])
+
+
+def prompt_scores(run: Run, decoding: str, test_set: str, measure: str) -> np.ndarray:
+    """(prompts,) one measure per prompt of a set, the mean over the run's generation seeds; ``<metric>_gap`` is
+    the prompt's score minus its score against another prompt's references."""
+    sets = json.loads(run.results_of(decoding).read_text(encoding="utf-8"))["sets"]
+    by_seed = sets[test_set]["per_example"].values()
+    if measure.endswith("_gap"):
+        metric = measure.removesuffix("_gap")
+        return np.mean([np.subtract(s[metric], s[f"{metric}_other"]) for s in by_seed], axis=0)
+    return np.mean([s[measure] for s in by_seed], axis=0)
+
+
+def interval(
+    by_seed: dict[str, dict[int, Run]],
+    proposed: str,
+    baseline: str,
+    decoding: str,
+    sets: list[str],
+    measure: str,
+) -> dict[str, Any] | None:
+    """Proposed minus baseline on ``sets`` (their average when several), paired by training seed and prompt,
+    with its 95% bootstrap interval over prompts and seeds (`distillens.intervals`)."""
+    if proposed not in by_seed or baseline not in by_seed:
+        return None
+    seeds = sorted(set(by_seed[proposed]) & set(by_seed[baseline]))
+    if not seeds:
+        return None
+    differences = [
+        np.stack([
+            prompt_scores(by_seed[proposed][seed], decoding, name, measure)
+            - prompt_scores(by_seed[baseline][seed], decoding, name, measure)
+            for seed in seeds
+        ])  # (seeds, prompts)
+        for name in sets
+    ]  # fmt: skip
+    return paired_bootstrap(differences).as_dict()
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -213,15 +311,15 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 
 def paired_differences(
-    scores: dict[str, dict[int, dict[str, float]]], baseline: str, metric: str
+    scores: dict[str, dict[int, dict[str, float]]], baseline: str, metric: str, proposed: str = PROPOSED
 ) -> dict[str, Any] | None:
-    """DistillLens minus a baseline, seed by seed over the seeds both have: mean, std, and sign agreement."""
-    if PROPOSED not in scores or baseline not in scores:
+    """The proposed method minus a baseline, seed by seed over the seeds both have: mean, std, sign agreement."""
+    if proposed not in scores or baseline not in scores:
         return None
-    seeds = sorted(set(scores[PROPOSED]) & set(scores[baseline]))
+    seeds = sorted(set(scores[proposed]) & set(scores[baseline]))
     if not seeds:
         return None
-    diffs = [scores[PROPOSED][s][metric] - scores[baseline][s][metric] for s in seeds]
+    diffs = [scores[proposed][s][metric] - scores[baseline][s][metric] for s in seeds]
     return {
         "per_seed": dict(zip(map(str, seeds), diffs, strict=True)),
         **mean_std(diffs),
@@ -230,30 +328,76 @@ def paired_differences(
     }
 
 
+def measures_of(preset: Preset) -> list[str]:
+    """The columns of a study table: each metric, against another prompt's references, the gap; diagnostics."""
+    scores = [key for metric in preset.metrics for key in (metric, f"{metric}_other", f"{metric}_gap")]
+    return scores + list(DIAGNOSTICS)
+
+
+def table(preset: Preset, runs: list[Run], decoding: str, test_set: str) -> dict[str, Any]:
+    """One decoding on one test set: per method, each measure's mean and std over training seeds; the proposed
+    method minus each other one with paired bootstrap intervals, for every metric and its prompt gap."""
+    scored = [run for run in runs if run.results_of(decoding).is_file()]
+    rows: dict[str, Any] = {}
+    by_seed: dict[str, dict[int, Run]] = {}
+    for run in scored:
+        by_seed.setdefault(run.method, {})[run.seed] = run
+    for method, seeds in by_seed.items():
+        per_seed = {seed: run_scores(run, decoding, test_set) for seed, run in sorted(seeds.items())}
+        columns = [m for m in measures_of(preset) if all(m in scores for scores in per_seed.values())]
+        rows[method] = {
+            "seeds": [seed for seed in per_seed if seed is not None],
+            "per_seed": {str(seed): scores for seed, scores in per_seed.items()},
+            **{m: mean_std([scores[m] for scores in per_seed.values()]) for m in columns},
+        }
+    sets = (
+        [name for name in test_sets(scored[0], decoding) if name != AVERAGE]
+        if test_set == AVERAGE
+        else [test_set]
+    )
+    compared = [key for metric in preset.metrics for key in (metric, f"{metric}_gap")]
+    differences = {
+        f"{preset.proposed}-{base}": {
+            m: interval(by_seed, preset.proposed, base, decoding, sets, m) for m in compared
+        }
+        for base in preset.methods
+        if base != preset.proposed
+    }
+    return {"methods": rows, "differences": differences}
+
+
 def summarise(preset: Preset, runs: list[Run]) -> dict[str, Any]:
-    """results.json: per method, the scores of every training seed and their mean/std; paired differences."""
+    """results.json: on the preset's first decoding, averaged over test sets, per method the scores of every
+    training seed, their mean/std and the seed-by-seed differences ("methods", "differences", as the figure
+    shows them); then every decoding and test set in full ("tables": measures, prompt gaps, diagnostics, paired
+    intervals)."""
+    primary = preset.decodings[0]
     by_method: dict[str, dict[int, dict[str, float]]] = {}
     rows: dict[str, Any] = {}
     for run in runs:
         if run.method == TEACHER:
+            scores = run_scores(run, primary)
             rows[TEACHER] = {
                 "seeds": [],
                 "per_seed": {},
-                **{m: mean_std([s]) for m, s in run_scores(run).items()},
+                **{m: mean_std([scores[m]]) for m in preset.metrics},
             }
             continue
-        by_method.setdefault(run.method, {})[run.seed] = run_scores(run)
+        by_method.setdefault(run.method, {})[run.seed] = run_scores(run, primary)
     for method, per_seed in by_method.items():
         rows[method] = {
             "seeds": sorted(per_seed),
             "per_seed": {str(seed): scores for seed, scores in sorted(per_seed.items())},
             **{m: mean_std([scores[m] for scores in per_seed.values()]) for m in preset.metrics},
         }
-    baselines = [m for m in preset.methods if m != PROPOSED]
     differences = {
-        f"{PROPOSED}-{base}": {m: paired_differences(by_method, base, m) for m in preset.metrics}
-        for base in baselines
+        f"{preset.proposed}-{base}": {
+            m: paired_differences(by_method, base, m, preset.proposed) for m in preset.metrics
+        }
+        for base in preset.methods
+        if base != preset.proposed
     }
+    scored = {d: [run for run in runs if run.results_of(d).is_file()] for d in decodings(preset)}
     return {
         "preset": preset.name,
         "config": preset.config,
@@ -261,16 +405,25 @@ def summarise(preset: Preset, runs: list[Run]) -> dict[str, Any]:
         "train_seeds": sorted({run.seed for run in runs if run.seed is not None}),  # the finished ones
         "generation_seeds": preset.generation_seeds,
         "metrics": preset.metrics,
+        "decoding": primary,
         "methods": rows,
         "differences": differences,
-        "protocol": protocol_of(runs),
+        "protocol": protocol_of(runs, primary),
+        "tables": {
+            decoding: {name: table(preset, found, decoding, name) for name in test_sets(found[0], decoding)}
+            for decoding, found in scored.items()
+            if found
+        },
+        "protocols": {decoding: protocol_of(runs, decoding) for decoding in decodings(preset)},
     }
 
 
-def protocol_of(runs: list[Run]) -> str:
+def protocol_of(runs: list[Run], decoding: str = "sampled") -> str:
     """The generation protocol line the scoring runs recorded (the same for all: they share the settings)."""
     for run in runs:
-        results = json.loads(run.results.read_text(encoding="utf-8"))
+        if not run.results_of(decoding).is_file():
+            continue
+        results = json.loads(run.results_of(decoding).read_text(encoding="utf-8"))
         generation = results.get("generation", {})
         keys = ("do_sample", "top_k", "top_p", "temperature", "max_new_tokens", "no_repeat_ngram_size")
         return ", ".join(f"{k} {generation[k]}" for k in keys if k in generation)
@@ -278,31 +431,62 @@ def protocol_of(runs: list[Run]) -> str:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    """results.md: mean ± std over training seeds (each seed: mean over generation seeds), then the differences."""
-    metrics = summary["metrics"]
-    lines = [
-        f"| method | training seeds | {' | '.join(metrics)} |",
-        "|---" * (len(metrics) + 2) + "|",
-    ]
-    for method, row in summary["methods"].items():
-        cells = " | ".join(f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f}" for m in metrics)
-        lines.append(f"| {method} | {len(row['seeds']) or '-'} | {cells} |")
-    lines += ["", f"| paired difference (same training seed) | {' | '.join(metrics)} |"]
-    lines.append("|---" * (len(metrics) + 1) + "|")
-    for name, by_metric in summary["differences"].items():
-        cells = [
-            f"{d['mean']:+.2f} ± {d['std']:.2f} ({d['positive']}/{d['seeds']} seeds > 0)" if d else "-"
-            for d in (by_metric[m] for m in metrics)
-        ]
-        lines.append(f"| {name} | {' | '.join(cells)} |")
+    """results.md: per decoding and test set, each method's measures (mean ± std over training seeds, each seed the
+    mean over generation seeds) and the proposed method minus each other one with paired 95% intervals."""
+    lines = []
+    for decoding, by_set in summary["tables"].items():
+        for name, found in by_set.items():
+            lines += [f"### {decoding} decoding, test set `{name}`", ""]
+            lines += method_lines(found["methods"]) + [""] + difference_lines(found["differences"]) + [""]
     lines += [
-        "",
         f"Preset `{summary['preset']}` ({', '.join(summary['config'])} {' '.join(summary['fit_args'])}); "
-        f"training seeds {summary['train_seeds']}; each run scored under generation seeds "
-        f"{summary['generation_seeds']} (mean over them), then mean ± sample std over training seeds; scores x100.",
-        f"Generation: {summary['protocol']}.",
+        f"training seeds {summary['train_seeds']}; sampled: each run scored under generation seeds "
+        f"{summary['generation_seeds']} (mean over them); greedy: one pass; then mean ± sample std over training "
+        "seeds; scores x100. Each metric is also scored against another prompt's references (\"other's\": a fixed "
+        "derangement of the set) and the prompt gap is own minus other's: near 0 for an answer that ignores its "
+        "prompt. Intervals: 95% paired bootstrap over prompts and training seeds.",
+        "Diagnostics: " + "; ".join(f"{key}, {text}" for key, text in DIAGNOSTICS.items()) + ".",
+        *(f"Generation ({decoding}): {line}." for decoding, line in summary["protocols"].items() if line),
     ]
     return "\n".join(lines) + "\n"
+
+
+def column_title(measure: str) -> str:
+    """``rougeL_other`` -> "rougeL other's", ``rougeL_gap`` -> "rougeL gap"."""
+    return measure.replace("_other", " other's").replace("_gap", " gap")
+
+
+def method_lines(rows: dict[str, Any]) -> list[str]:
+    """One row per method: every measure the rows have, "mean ± std" over training seeds (the mean alone for one)."""
+    columns = [key for key in next(iter(rows.values())) if key not in ("seeds", "per_seed")]
+    lines = [f"| method | training seeds | {' | '.join(map(column_title, columns))} |"]
+    lines.append("|---" * (len(columns) + 2) + "|")
+    for method, row in rows.items():
+        several = len(row["seeds"]) > 1
+        cells = [
+            "-" if c not in row else f"{row[c]['mean']:.2f}" + (f" ± {row[c]['std']:.2f}" if several else "")
+            for c in columns
+        ]
+        lines.append(f"| {method} | {len(row['seeds']) or '-'} | {' | '.join(cells)} |")
+    return lines
+
+
+def difference_lines(differences: dict[str, Any]) -> list[str]:
+    """One row per compared pair: mean difference [95% interval] (seeds whose difference is above 0)."""
+    if not differences:
+        return []
+    measures = list(next(iter(differences.values())))
+    lines = [f"| paired difference [95% interval] (seeds > 0) | {' | '.join(map(column_title, measures))} |"]
+    lines.append("|---" * (len(measures) + 1) + "|")
+    for name, by_measure in differences.items():
+        cells = [
+            f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] ({d['positive']}/{d['seeds']})"
+            if d
+            else "-"
+            for d in by_measure.values()
+        ]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,6 +549,52 @@ def figures(summary: dict[str, Any], runs: list[Run], out: Path, curve: str) -> 
     return [bars, curves]
 
 
+EXCERPT_CHARACTERS = 300
+
+
+def excerpts(runs: list[Run], prompts: int = 3) -> str:
+    """excerpts.md: what each method answered to the same few prompts (greedy when scored, its first training
+    seed), so a reader can see whether a score comes from answers or from filler."""
+    scored = [run for run in runs if run.results_of("greedy").is_file()]
+    decoding = "greedy" if scored else "sampled"
+    scored = scored or [run for run in runs if run.results_of("sampled").is_file()]
+    if not scored:
+        return ""
+    first = json.loads(scored[0].results_of(decoding).read_text(encoding="utf-8"))
+    test_set, seed = next(iter(first["sets"])), first["seeds"][0]
+    count = first["sets"][test_set]["examples"]
+    chosen = sorted({round(i * count / prompts) for i in range(prompts)})
+    shown: dict[str, Run] = {}
+    for run in scored:
+        shown.setdefault(run.method, run)  # the teacher, then each method's first training seed
+    lines = [
+        f"Answers ({decoding} decoding, generation seed {seed}) to prompts {chosen} of test set `{test_set}`.",
+        "",
+    ]
+    for position in chosen:
+        records = {
+            method: [
+                json.loads(line)
+                for line in (run.results_of(decoding).parent / f"{test_set}.seed{seed}.jsonl")
+                .read_text(encoding="utf-8")
+                .splitlines()
+            ][position]
+            for method, run in shown.items()
+        }
+        record = next(iter(records.values()))
+        lines += [f"#### Prompt {position}", "", "> " + clip(record["prompt"]).replace("\n", "\n> "), ""]
+        lines += [f"Reference: {clip(record['references'][0])}", ""]
+        lines += [f"- **{method}**: {clip(r['prediction']) or '(empty)'}" for method, r in records.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def clip(text: str) -> str:
+    """One line of at most EXCERPT_CHARACTERS characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= EXCERPT_CHARACTERS else text[: EXCERPT_CHARACTERS - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="replicate", description=__doc__.split("\n\n")[0])
     parser.add_argument("preset", help="a preset of configs/replicate/ (cpu, gpu, tiny)")
@@ -377,13 +607,16 @@ def main(argv: list[str] | None = None) -> None:
     runs = plan(preset, out) if options.table_only else run_all(preset, out, options.in_process)
     if options.table_only:
         teacher = Run(TEACHER, None, out / TEACHER)
-        runs = ([teacher] if teacher.results.is_file() else []) + [r for r in runs if r.results.is_file()]
+        done = preset.decodings[0]
+        runs = [r for r in [teacher, *runs] if r.results_of(done).is_file()]
     summary = summarise(preset, runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     table = markdown(summary)
     (out / "results.md").write_text(table, encoding="utf-8")
     written = figures(summary, runs, out, preset.curve)
+    (out / "excerpts.md").write_text(excerpts(runs), encoding="utf-8")
+    written.append(out / "excerpts.md")
     print(f"\n{table}\nwritten: {out / 'results.json'}, {out / 'results.md'}, {', '.join(map(str, written))}")
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -50,7 +51,11 @@ def test_every_run_trained_exported_and_scored(study):
             assert list(folder.glob("events.out.tfevents.*")), folder
             results = json.loads((folder / "eval" / "results.json").read_text())
             assert results["seeds"] == preset.generation_seeds
+            greedy = json.loads((folder / "eval-greedy" / "results.json").read_text())
+            assert greedy["generation"]["do_sample"] is False and greedy["seeds"] == [0]
+            assert (folder / "fit.finished").is_file()
     assert (out / "teacher" / "eval" / "results.json").is_file()
+    assert (out / "teacher" / "eval-greedy" / "results.json").is_file()
 
 
 def test_runs_differ_by_method_and_seed(study):
@@ -109,7 +114,7 @@ def test_results_json_aggregates_the_runs_own_scores(study):
         assert diff["positive"] == sum(d > 0 for d in expected) and diff["seeds"] == len(expected)
 
 
-def test_results_markdown_has_a_row_per_method_and_per_difference(study):
+def test_results_markdown_has_a_table_per_decoding_with_a_row_per_method_and_per_difference(study):
     preset, out = study
     table = (out / "results.md").read_text()
     rows = [
@@ -117,10 +122,76 @@ def test_results_markdown_has_a_row_per_method_and_per_difference(study):
         for line in table.splitlines()
         if line.startswith("| ") and "---" not in line
     ]
-    assert rows == ["method", "teacher", *preset.methods, "paired difference (same training seed)"] + [
+    one = ["method", "teacher", *preset.methods, "paired difference [95% interval] (seeds > 0)"] + [
         f"distillens-{m}" for m in preset.methods if m != "distillens"
     ]
-    assert "Generation: do_sample True, top_k 0" in table
+    assert rows == one * 2  # sampled, then greedy; one test set
+    assert "### sampled decoding, test set `instructions`" in table
+    assert "### greedy decoding, test set `instructions`" in table
+    header = next(line for line in table.splitlines() if line.startswith("| method"))
+    assert "| rougeL | rougeL other's | rougeL gap |" in header and "| openings |" in header
+    assert "Generation (sampled): do_sample True, top_k 0" in table
+    assert "Generation (greedy): do_sample False" in table
+
+
+def test_intervals_pair_the_runs_prompt_by_prompt_and_seed_by_seed(study):
+    """Each difference's interval is the bootstrap of (DistillLens minus baseline) per training seed and prompt,
+    built here from every run's own per-prompt scores (mean over its generation seeds)."""
+    from distillens.intervals import paired_bootstrap
+
+    preset, out = study
+    summary = json.loads((out / "results.json").read_text())
+
+    def per_prompt(method, seed, decoding, measure):
+        folder = "eval" if decoding == "sampled" else "eval-greedy"
+        written = json.loads((out / "runs" / method / f"seed{seed}" / folder / "results.json").read_text())
+        by_seed = written["sets"]["instructions"]["per_example"].values()
+        if measure.endswith("_gap"):
+            name = measure.removesuffix("_gap")
+            return np.mean([np.array(s[name]) - np.array(s[f"{name}_other"]) for s in by_seed], axis=0)
+        return np.mean([s[measure] for s in by_seed], axis=0)
+
+    for decoding in preset.decodings:
+        found = summary["tables"][decoding]["instructions"]["differences"]["distillens-rkl"]
+        for measure in ("rougeL", "rougeL_gap"):
+            differences = np.stack([
+                per_prompt("distillens", s, decoding, measure) - per_prompt("rkl", s, decoding, measure)
+                for s in preset.train_seeds
+            ])  # fmt: skip
+            assert found[measure] == pytest.approx(paired_bootstrap([differences]).as_dict())
+            assert found[measure]["mean"] == pytest.approx(differences.mean())
+        rows = summary["tables"][decoding]["instructions"]["methods"]
+        assert set(rows) == {"teacher", *preset.methods} and "eos" in rows["rkl"]
+
+
+def test_excerpts_show_every_method_answering_the_same_prompts(study):
+    preset, out = study
+    text = (out / "excerpts.md").read_text()
+    assert text.count("#### Prompt") == 3
+    for method in ["teacher", *preset.methods]:
+        assert text.count(f"- **{method}**:") == 3
+
+
+def test_an_interrupted_fit_is_not_counted_as_finished(tmp_path):
+    """A fit stopped by Ctrl-C may leave student/ behind; without the marker of a normal end it is run again
+    (resuming from its last.ckpt), and its old scores are not used."""
+    preset = replicate.Preset.load("tiny")
+    preset.methods, preset.train_seeds, preset.score_teacher = ["distillens"], [1], False
+    run = replicate.Run("distillens", 1, tmp_path / "runs" / "distillens" / "seed1")
+    (run.student).mkdir(parents=True)
+    (run.student / "config.json").write_text("{}")
+    calls = []
+    with mock.patch.object(
+        replicate, "execute", side_effect=lambda command, *rest, **kw: calls.append(command[3])
+    ):
+        replicate.run_all(preset, tmp_path)
+    assert calls == ["fit", "test", "test"] and run.finished.is_file()
+    calls.clear()
+    with mock.patch.object(
+        replicate, "execute", side_effect=lambda command, *rest, **kw: calls.append(command[3])
+    ):
+        replicate.run_all(preset, tmp_path)
+    assert calls == ["test", "test"]  # finished now; the scores were never written by the mock
 
 
 def test_figures_are_written(study):
