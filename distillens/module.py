@@ -215,7 +215,7 @@ class DistillationModule(L.LightningModule):
         """
         if not self.on_policy.enabled:
             return batch  # off: nothing to draw or record
-        source = choose_source(self.on_policy, self._draw_seed(CHOICE_STREAM))
+        source = choose_source(self.on_policy, self._draw_seed(CHOICE_STREAM), self.global_step)
         if source == REFERENCE:
             self.rollouts.add(source, None)
             return batch

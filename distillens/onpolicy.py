@@ -59,6 +59,10 @@ class OnPolicyConfig:
     """Top-k filter of the generated answers; 0 disables it."""
     top_p: float = 1.0
     """Nucleus filter of the generated answers; 1 disables it."""
+    start_step: int = 0
+    """Optimizer steps trained on the reference responses alone before any micro-batch is drawn: an untrained
+    student's own answers are filler that runs to the length limit, nothing worth supervising; 0 draws from the
+    first step."""
 
     @property
     def enabled(self) -> bool:
@@ -83,6 +87,8 @@ class OnPolicyConfig:
                 "model.on_policy needs a teacher term (model.loss.kd_weight, lens_weight or mse_weight > 0): "
                 "generated answers have no reference for the cross-entropy"
             )
+        if self.start_step < 0:
+            raise ValueError(f"model.on_policy.start_step={self.start_step}: use 0 or a positive step count")
         if self.max_new_tokens < 1 or self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(
                 f"model.on_policy: max_new_tokens={self.max_new_tokens}, temperature={self.temperature}, "
@@ -91,11 +97,12 @@ class OnPolicyConfig:
             )
 
 
-def choose_source(config: OnPolicyConfig, seed: int) -> str:
+def choose_source(config: OnPolicyConfig, seed: int, step: int = 0) -> str:
     """Who writes this micro-batch's responses: one uniform draw u under ``seed`` (``sampling.draw_seed`` of the
     run seed, step, micro-batch and ``CHOICE_STREAM``): the student if u < student_fraction, the teacher if
-    u < student_fraction + teacher_fraction, else the data set. Nothing is drawn when both fractions are 0."""
-    if not config.enabled:
+    u < student_fraction + teacher_fraction, else the data set. Nothing is drawn when both fractions are 0 or
+    before optimizer step ``config.start_step``."""
+    if not config.enabled or step < config.start_step:
         return REFERENCE
     u = float(
         torch.rand((), generator=torch.Generator().manual_seed(seed))

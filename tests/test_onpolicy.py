@@ -118,9 +118,29 @@ def test_choice_is_a_pure_function_of_its_seed_with_the_configured_frequencies()
     assert {choose_source(OnPolicyConfig(), seed) for seed in seeds} == {REFERENCE}
 
 
+def test_nothing_is_drawn_before_the_start_step():
+    """Reference answers first, the student's own later: before ``start_step`` every micro-batch is the data set's;
+    from it on, the configured fraction (here all of them) is the student's."""
+    config = OnPolicyConfig(student_fraction=1.0, start_step=3)
+    seeds = [draw_seed(42, step, 0, onpolicy.CHOICE_STREAM) for step in range(6)]
+    sources = [choose_source(config, seed, step) for step, seed in enumerate(seeds)]
+    assert sources == [REFERENCE] * 3 + [STUDENT] * 3
+
+
+def test_a_start_step_keeps_the_first_steps_on_the_references(monkeypatch, batch, recorded):
+    """The module passes its optimizer step: at step 0 with start_step 1, nothing is generated and the loss is the
+    reference batch's, although every micro-batch would otherwise be the student's."""
+    module = build(monkeypatch, student_fraction=1.0, start_step=1)
+    loss, gradient = step(module, batch)
+    want_loss, want_gradient = objective(module, batch)
+    assert recorded == [] and module.rollouts.sources == [REFERENCE]
+    assert torch.equal(loss, want_loss) and torch.equal(gradient, want_gradient)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
+        ({"student_fraction": 0.5, "start_step": -1}, "start_step=-1"),
         ({"student_fraction": 1.5}, "student_fraction=1.5: use a fraction in \\[0, 1\\]"),
         ({"student_fraction": 0.7, "teacher_fraction": 0.5}, "= 1.2 > 1"),
         ({"student_fraction": 0.5, "max_new_tokens": 0}, "max_new_tokens=0"),
