@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 OVERLAY_DIR = CONFIG_DIR / "trainer"
 OVERLAY_BASE = CONFIG_DIR / "tiny.yaml"
-METHOD_DIR = CONFIG_DIR / "replicate" / "methods"  # loss overlays of the replication study, on any setup
 ON_POLICY_DIR = CONFIG_DIR / "onpolicy"  # on-policy overlays, each for the setup of its name
 PRESET_DIR = CONFIG_DIR / "replicate"  # presets (*.yaml right there) are no CLI configs: test_replicate
+DATA_DIR = CONFIG_DIR / "data"  # data overlays (other splits of the bundled data), on any setup
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,8 @@ def config_files() -> list[Path]:
 
 def config_arguments(path: Path) -> tuple[str, ...]:
     """The `--config` arguments that use a file as intended: overlays go on top of the tiny base config."""
-    if OVERLAY_DIR in path.parents or METHOD_DIR in path.parents or ON_POLICY_DIR in path.parents:
+    overlays = (OVERLAY_DIR, PRESET_DIR, ON_POLICY_DIR, DATA_DIR)  # PRESET_DIR: the method and recipe overlays
+    if any(folder in path.parents for folder in overlays):
         return ("--config", str(OVERLAY_BASE), "--config", str(path))
     return ("--config", str(path))
 
