@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import statistics
@@ -582,33 +583,56 @@ def excerpts(runs: list[Run], prompts: int = 3) -> str:
             for method, run in shown.items()
         }
         record = next(iter(records.values()))
-        lines += [f"#### Prompt {position}", "", "> " + clip(record["prompt"]).replace("\n", "\n> "), ""]
+        lines += [f"#### Prompt {position}", "", "> " + clip(record["prompt"], tail=True), ""]
         lines += [f"Reference: {clip(record['references'][0])}", ""]
         lines += [f"- **{method}**: {clip(r['prediction']) or '(empty)'}" for method, r in records.items()]
         lines.append("")
     return "\n".join(lines)
 
 
-def clip(text: str) -> str:
-    """One line of at most EXCERPT_CHARACTERS characters."""
+def clip(text: str, tail: bool = False) -> str:
+    """One line of at most EXCERPT_CHARACTERS characters: the start, or with ``tail`` the end (a rendered prompt's
+    end is the question; its start is the template's system message)."""
     text = " ".join(text.split())
-    return text if len(text) <= EXCERPT_CHARACTERS else text[: EXCERPT_CHARACTERS - 3] + "..."
+    if len(text) <= EXCERPT_CHARACTERS:
+        return text
+    keep = EXCERPT_CHARACTERS - 3
+    return "..." + text[-keep:] if tail else text[:keep] + "..."
+
+
+def finished_runs(preset: Preset, out: Path) -> list[Run]:
+    """The teacher and every run of the preset scored under its first decoding, in plan order."""
+    teacher = Run(TEACHER, None, out / TEACHER)
+    return [run for run in [teacher, *plan(preset, out)] if run.results_of(preset.decodings[0]).is_file()]
+
+
+def only(preset: Preset, methods: str | None) -> Preset:
+    """The preset restricted to some of its methods (``--methods a,b``), to run the comparison that matters first."""
+    if not methods:
+        return preset
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in preset.methods]
+    if unknown:
+        raise SystemExit(f"replicate: --methods {unknown} not in preset {preset.name!r}: {preset.methods}")
+    return dataclasses.replace(preset, methods=chosen)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="replicate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("preset", help="a preset of configs/replicate/ (cpu, gpu, tiny)")
+    parser.add_argument("preset", help="a preset of configs/replicate/ (cpu, gpu, tiny, cpu-evidence, ...)")
     parser.add_argument("--out", type=Path, help="output folder; default logs/replicate/<preset>")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table from finished runs only")
+    parser.add_argument(
+        "--methods", help="comma-separated: train and score only these of the preset's methods now; the table "
+        "still covers every finished run"
+    )  # fmt: skip
     parser.add_argument("--in-process", action="store_true", help="run the CLI steps in this process (tests)")
     options = parser.parse_args(argv)
     preset = Preset.load(options.preset)
     out = (options.out or ROOT / "logs" / "replicate" / preset.name).resolve()
-    runs = plan(preset, out) if options.table_only else run_all(preset, out, options.in_process)
-    if options.table_only:
-        teacher = Run(TEACHER, None, out / TEACHER)
-        done = preset.decodings[0]
-        runs = [r for r in [teacher, *runs] if r.results_of(done).is_file()]
+    if not options.table_only:
+        run_all(only(preset, options.methods), out, options.in_process)
+    runs = finished_runs(preset, out)
     summary = summarise(preset, runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

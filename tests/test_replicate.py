@@ -235,7 +235,7 @@ def test_paired_differences_by_hand():
 def test_every_preset_loads_and_its_runs_parse(path, capsys):
     """Each shipped preset names existing methods, and each method's fit parses on the preset's base config."""
     preset = replicate.Preset.load(path.stem)
-    assert preset.methods and len(preset.train_seeds) >= 2 and preset.generation_seeds
+    assert preset.methods and preset.train_seeds and preset.generation_seeds  # recipes: one seed a candidate
     run = replicate.Run(
         preset.methods[-1], preset.train_seeds[0], Path("/tmp/unused") / "runs" / "m" / "seed1"
     )
@@ -265,3 +265,11 @@ def test_sft_with_a_teacher_never_runs_the_teacher_in_training(tiny_module):
     assert set(module(batch)) == {"tokens", "ce"} and not calls
     module.eval()
     assert {"kd", "ce"} <= set(module(batch)) and calls
+
+
+def test_methods_option_runs_a_subset_and_refuses_unknown_names():
+    preset = replicate.Preset.load("tiny")
+    assert replicate.only(preset, "rkl, distillens").methods == ["rkl", "distillens"]
+    assert replicate.only(preset, None) is preset
+    with pytest.raises(SystemExit, match=r"--methods \['nope'\] not in preset 'tiny'"):
+        replicate.only(preset, "rkl,nope")
