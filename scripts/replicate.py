@@ -67,6 +67,13 @@ class Preset:
     """Folder of the method overlays, relative to the repository."""
     proposed: str = PROPOSED
     """The method every other one is compared with, seed by seed and prompt by prompt."""
+    also_compare: list[list[str]] = field(default_factory=list)
+    """More [method, baseline] pairs to compare, beside the proposed method against each other one."""
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """(method, baseline) pairs of the difference tables: the proposed one against every other, then the rest."""
+        pairs = [(self.proposed, base) for base in self.methods if base != self.proposed]
+        return pairs + [(method, base) for method, base in self.also_compare if (method, base) not in pairs]
 
     @property
     def overlay_folder(self) -> Path:
@@ -92,6 +99,9 @@ class Preset:
                 f"replicate: {path}: decodings {preset.decodings}: use some of {list(DECODINGS)}"
             )
         missing = [m for m in preset.methods if not preset.overlay(m).is_file()]
+        strangers = {m for pair in preset.also_compare for m in pair} - set(preset.methods)
+        if strangers or any(len(pair) != 2 for pair in preset.also_compare):
+            raise SystemExit(f"replicate: {path}: also_compare needs [method, baseline] pairs of its methods")
         if missing:
             raise SystemExit(f"replicate: {path}: no method overlay for {missing} in {preset.overlay_folder}")
         return preset
@@ -358,11 +368,8 @@ def table(preset: Preset, runs: list[Run], decoding: str, test_set: str) -> dict
     )
     compared = [key for metric in preset.metrics for key in (metric, f"{metric}_gap")]
     differences = {
-        f"{preset.proposed}-{base}": {
-            m: interval(by_seed, preset.proposed, base, decoding, sets, m) for m in compared
-        }
-        for base in preset.methods
-        if base != preset.proposed
+        f"{method}-{base}": {m: interval(by_seed, method, base, decoding, sets, m) for m in compared}
+        for method, base in preset.comparisons()
     }
     return {"methods": rows, "differences": differences}
 
@@ -392,11 +399,8 @@ def summarise(preset: Preset, runs: list[Run]) -> dict[str, Any]:
             **{m: mean_std([scores[m] for scores in per_seed.values()]) for m in preset.metrics},
         }
     differences = {
-        f"{preset.proposed}-{base}": {
-            m: paired_differences(by_method, base, m, preset.proposed) for m in preset.metrics
-        }
-        for base in preset.methods
-        if base != preset.proposed
+        f"{method}-{base}": {m: paired_differences(by_method, base, m, method) for m in preset.metrics}
+        for method, base in preset.comparisons()
     }
     scored = {d: [run for run in runs if run.results_of(d).is_file()] for d in decodings(preset)}
     return {

@@ -273,3 +273,9 @@ def test_methods_option_runs_a_subset_and_refuses_unknown_names():
     assert replicate.only(preset, None) is preset
     with pytest.raises(SystemExit, match=r"--methods \['nope'\] not in preset 'tiny'"):
         replicate.only(preset, "rkl,nope")
+
+
+def test_comparisons_are_the_proposed_method_against_each_other_then_the_extra_pairs():
+    preset = replicate.Preset.load("tiny")
+    preset.also_compare = [["rkl", "sft"], ["distillens", "kd"]]  # the second is already among the first
+    assert preset.comparisons() == [("distillens", "sft"), ("distillens", "kd"), ("distillens", "rkl"), ("rkl", "sft")]
