@@ -63,15 +63,28 @@ def check_config_files(args: list[str]) -> None:
         value = args[index + 1] if flag in CONFIG_FLAGS and index + 1 < len(args) else None
         if flag.startswith("--config="):
             value = flag.split("=", 1)[1]
-        if value is None or not Path(value).is_file():
-            continue
-        try:
-            yaml.safe_load(Path(value).read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(error, "problem", None) or str(error)
-            raise ValueError(f"{value}{where}: malformed YAML ({problem})") from None
+        if value is not None and Path(value).is_file():
+            check_config_file(value)
+
+
+def check_config_file(value: str) -> None:
+    """One line naming the file when it is not UTF-8, not YAML, or not a mapping of settings."""
+    try:
+        settings = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{value}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"{value}{where}: malformed YAML ({problem})") from None
+    if settings is None:
+        raise ValueError(f"{value}: empty; a config sets trainer:, model: or data: (or leave the file out)")
+    if not isinstance(settings, dict):
+        kind = "a list" if isinstance(settings, list) else f"a {type(settings).__name__}"
+        raise ValueError(
+            f"{value}: the file holds {kind}, not a mapping of settings (trainer:, model:, data:)"
+        )
 
 
 def error_line(error: BaseException) -> str:

@@ -444,6 +444,25 @@ def test_bad_input_is_one_error_line(case, tmp_path, cache_dir, malformed_yaml, 
     assert expected in lines[0]
 
 
+CONFIG_FILES = {
+    # case: (the file's bytes, text the error line must contain after the file's name)
+    "not utf-8": (b"trainer:\n  max_steps: 3 # \xe9t\xe9\n", "not UTF-8 text"),
+    "empty": (b"# nothing set yet\n", "empty"),
+    "top-level list": (b"- trainer: {max_steps: 3}\n", "a list, not a mapping of settings"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_FILES)
+def test_a_config_file_that_is_not_a_mapping_is_one_line_naming_it(case, tmp_path, cache_dir, capsys):
+    content, expected = CONFIG_FILES[case]
+    path = tmp_path / "mine.yaml"
+    path.write_bytes(content)
+    code, _, err = run_in_process(["fit", *tiny_args(tmp_path, cache_dir, "--config", str(path))], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), err
+    assert f"{path}: " in lines[0] and expected in lines[0], lines[0]
+
+
 @pytest.mark.parametrize("case", ["vocabulary mismatch", "unknown model id"])
 def test_a_model_error_after_tokenising_is_still_one_error_line(
     case, tmp_path, malformed_yaml, capsys, monkeypatch
