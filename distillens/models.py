@@ -561,6 +561,40 @@ def _with_special_tokens(
     return tokenizer
 
 
+POSITION_FIELDS = ("n_positions", "max_position_embeddings")
+"""Config fields holding the longest input a model takes: GPT-2's learned positions, the others' trained range."""
+
+
+def position_limit(model: PreTrainedModel, role: str) -> tuple[str, int] | None:
+    """(what names it, value) of the longest sequence ``model`` takes, e.g. ("the student's config.n_positions",
+    1024) for GPT-2; None when its config names none."""
+    for field in POSITION_FIELDS:
+        value = getattr(model.config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return f"the {role}'s config.{field}", value
+    return None
+
+
+def check_sequence_fits(
+    setting: str, value: int, limits: Sequence[tuple[str, int] | None], prompt: tuple[str, int] | None = None
+) -> None:
+    """One line at start-up when the longest sequence ``setting`` makes is over a limit: a model's positions (an
+    IndexError deep in GPT-2's embedding, or silent extrapolation past a Llama's trained range) or data.max_length.
+
+    Args:
+        setting, value: the setting and its value, e.g. ("data.max_length", 1024).
+        limits: (what names it, value) of each limit the sequence must fit (``position_limit``); None: no limit.
+        prompt: (setting, value) of the prompts a generated answer follows, e.g. ("data.max_prompt_length", 256).
+    """
+    before = prompt[1] if prompt is not None else 0
+    for limit in limits:
+        if limit is not None and before + value > limit[1]:
+            plus = f" plus prompts of up to {prompt[0]}={before} tokens ({before + value})" if before else ""
+            raise ValueError(
+                f"{setting}={value}{plus} is over {limit[0]}={limit[1]}: use {setting} <= {limit[1] - before}"
+            )
+
+
 def check_same_vocabulary(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
     """Distillation compares distributions token by token: both models must index the same vocabulary."""
     s_vocab = student.get_output_embeddings().weight.shape[0]

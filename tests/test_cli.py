@@ -422,6 +422,23 @@ BAD_INPUTS = {
         ["--model.teacher.config", "null", "--model.teacher.source", "nobody/no-such-model"],
         "nobody/no-such-model",
     ),
+    "data.max_length over a GPT-2 student's positions": (
+        [
+            "--model.student.config",
+            "{{model_type: gpt2, vocab_size: 49152, n_embd: 32, n_layer: 2, n_head: 4, n_positions: 64}}",
+        ],
+        "data.max_length=128 is over the student's config.n_positions=64: use data.max_length <= 64",
+    ),
+    "on-policy answers past data.max_length": (
+        ["--model.on_policy.teacher_fraction", "0.5", "--model.on_policy.max_new_tokens", "64"],
+        "model.on_policy.max_new_tokens=64 plus prompts of up to data.max_prompt_length=96 tokens (160) is over "
+        "data.max_length=128: use model.on_policy.max_new_tokens <= 32",
+    ),
+    "generated answers past the positions": (
+        ["--model.generation.every_n_val", "1", "--model.generation.max_new_tokens", "600"],
+        "model.generation.max_new_tokens=600 plus prompts of up to data.max_prompt_length=96 tokens (696) is over "
+        "the student's config.max_position_embeddings=512: use model.generation.max_new_tokens <= 416",
+    ),
     "malformed yaml": (["--config", "{yaml}"], "broken.yaml line 3"),
     "missing config file": (["--config", "{tmp}/absent.yaml"], "absent.yaml"),
 }
