@@ -454,11 +454,12 @@ def bad_args(case: str, tmp_path: Path, cache_dir: Path, yaml_path: Path) -> tup
 def test_bad_input_is_one_error_line(case, tmp_path, cache_dir, malformed_yaml, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args, expected = bad_args(case, tmp_path, cache_dir, malformed_yaml)
-    code, _, err = run_in_process(args, capsys)
+    code, out, err = run_in_process(args, capsys)
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), f"stderr was:\n{err}"
     assert expected in lines[0]
+    assert "no checkpoint was saved yet" not in out  # a set-up error has nothing to say about checkpoints
 
 
 CONFIG_FILES = {
@@ -647,6 +648,52 @@ def test_a_hub_model_without_network_is_one_line_in_seconds(tmp_path, cache_dir,
         "unreachable" in err
     )
     assert "point model.teacher.source at the folder, or set HF_HUB_OFFLINE=1" in err
+
+
+def test_the_readme_spells_command_options_as_their_help_pages_do():
+    """`distillens export --help` lists --adapter_only: the README names it so (the dashed spelling still works)."""
+    from distillens.commands import COMMANDS
+
+    readme = (REPO / "README.md").read_text()
+    for command in COMMANDS.values():
+        for parameter in inspect.signature(command.function).parameters:
+            assert f"--{parameter.replace('_', '-')}" not in readme or "_" not in parameter, parameter
+
+
+def test_the_readme_says_which_changed_settings_a_resume_lists():
+    """The resume line lists changed module hyper-parameters (resume.describe_changes): model.* settings, not
+    the trainer's."""
+    text = " ".join((REPO / "README.md").read_text().split())
+    assert "one line lists each change;" not in text
+    assert "one line lists each changed `model.*` setting (trainer settings are not listed)" in text
+
+
+def test_no_library_tip_warning_or_progress_bar_reaches_the_console(tmp_path, capsys):
+    """What every run printed and no user can act on: Lightning's litlogger tip (stdout), transformers'
+    deprecation FutureWarning on every LoRA student, its "Loading weights" bar on stderr."""
+    import warnings
+
+    import lightning as L
+    from transformers import LlamaConfig
+
+    from distillens.console import route_logging
+    from distillens.models import LoraSpec, ModelSpec, add_lora, load_model
+
+    fields = dict(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(LlamaConfig(**fields)).save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # what the first run of a process shows (later ones hide repeats)
+        route_logging()
+        L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        add_lora(load_model(ModelSpec(source=str(tmp_path / "model"))), LoraSpec(r=2))
+    out, err = capsys.readouterr()
+    assert "litlogger" not in out, out
+    assert err == "", err
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
 def test_a_library_loggers_record_is_printed_once(capsys):
