@@ -97,6 +97,8 @@ class CheckpointOnInterrupt(_AtOptimizerSteps):
         path = _last_checkpoint_path(trainer)
         if trainer.state.fn != "fit" or path is None or not trainer.is_global_zero:
             return
+        if trainer.global_step == 0 and not path.is_file():
+            return  # a set-up error (bad settings, models that do not fit): nothing to say about checkpoints
         saved = f"the newest checkpoint is {path}" if path.is_file() else "no checkpoint was saved yet"
         log.info("%s at step %d: %s", type(exception).__name__, trainer.global_step, saved)
 
@@ -263,7 +265,8 @@ class InitialValidation(L.Callback):
     the validation set before the first step and logs ``val/<term>`` at step 0 through the run's loggers.
 
     Args:
-        max_batches: validation batches to use; None follows the trainer's ``limit_val_batches`` when it is a count.
+        max_batches: validation batches to use; None follows the trainer's ``limit_val_batches`` (a count, or a
+            fraction of the batches, as Lightning's validations use it).
     """
 
     def __init__(self, max_batches: int | None = None) -> None:
@@ -272,11 +275,14 @@ class InitialValidation(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_step > 0 or trainer.datamodule is None:
             return  # resumed run: its curve already has a start
+        loader = trainer.datamodule.val_dataloader()
         limit = self.max_batches
         if limit is None and isinstance(trainer.limit_val_batches, int):
             limit = trainer.limit_val_batches
+        elif limit is None and trainer.limit_val_batches < 1.0:  # a fraction, counted as Lightning counts it
+            limit = int(len(loader) * trainer.limit_val_batches)
         sums: dict[str, float] = {}
-        batches = itertools.islice(trainer.datamodule.val_dataloader(), limit)
+        batches = itertools.islice(loader, limit)
         # in the run's precision (bf16-mixed: autocast), as Lightning runs the later validations
         with eval_mode(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
             for batch in batches:

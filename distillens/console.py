@@ -34,8 +34,15 @@ REDUNDANT_WARNINGS = (
     r"Checkpoint directory .* exists and is not empty",
     # Lightning's own use of a torch API torch deprecated: nothing a user can act on
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # PEFT's use of a transformers API transformers deprecated, on every LoRA student
+    r"`is_gradient_checkpointing` is deprecated",
 )
 """Library warnings the CLI hides: each says nothing true and useful about a distillens run."""
+REDUNDANT_RECORDS = (
+    # Lightning's advertisement of its cloud logger, on every run
+    "Tip: For seamless cloud logging",
+)
+"""Library log records the CLI hides, by a part of their message."""
 
 
 def debug_requested(args: list[str]) -> bool:
@@ -63,15 +70,28 @@ def check_config_files(args: list[str]) -> None:
         value = args[index + 1] if flag in CONFIG_FLAGS and index + 1 < len(args) else None
         if flag.startswith("--config="):
             value = flag.split("=", 1)[1]
-        if value is None or not Path(value).is_file():
-            continue
-        try:
-            yaml.safe_load(Path(value).read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(error, "problem", None) or str(error)
-            raise ValueError(f"{value}{where}: malformed YAML ({problem})") from None
+        if value is not None and Path(value).is_file():
+            check_config_file(value)
+
+
+def check_config_file(value: str) -> None:
+    """One line naming the file when it is not UTF-8, not YAML, or not a mapping of settings."""
+    try:
+        settings = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{value}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"{value}{where}: malformed YAML ({problem})") from None
+    if settings is None:
+        raise ValueError(f"{value}: empty; a config sets trainer:, model: or data: (or leave the file out)")
+    if not isinstance(settings, dict):
+        kind = "a list" if isinstance(settings, list) else f"a {type(settings).__name__}"
+        raise ValueError(
+            f"{value}: the file holds {kind}, not a mapping of settings (trainer:, model:, data:)"
+        )
 
 
 def error_line(error: BaseException) -> str:
@@ -146,8 +166,28 @@ def _prints_to_console(handler: logging.Handler, record: logging.LogRecord) -> b
     )
 
 
+def not_redundant(record: logging.LogRecord) -> bool:
+    """Whether a record is not one of REDUNDANT_RECORDS."""
+    message = record.getMessage()
+    return not any(part in message for part in REDUNDANT_RECORDS)
+
+
+def quiet_library_progress_bars() -> None:
+    """Turn off the progress bars transformers ("Loading weights", "Writing model shards"), datasets ("Generating
+    train split") and huggingface_hub draw on stderr, where a failed run leaves its one error line; the run logs
+    what it loads and converts on stdout, and Lightning's training bar (stdout) stays."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def route_logging() -> None:
-    """Progress messages (below WARNING) to stdout, warnings and errors to stderr; once per process.
+    """Progress messages (below WARNING) to stdout, warnings and errors to stderr, without libraries' progress bars
+    and redundant records; once per process.
 
     Lightning gave its loggers their own stderr handlers when it was imported (the root logger had none yet):
     they now propagate to the root handlers instead, as Lightning does when the root logger is configured first.
@@ -156,6 +196,7 @@ def route_logging() -> None:
     """
     for message in REDUNDANT_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    quiet_library_progress_bars()
     root = logging.getLogger()
     if not any(isinstance(handler, _CurrentStream) for handler in root.handlers):
         progress, problems = _CurrentStream("stdout"), _CurrentStream("stderr")
@@ -163,6 +204,7 @@ def route_logging() -> None:
         problems.setLevel(logging.WARNING)
         for handler in (progress, problems):
             handler.addFilter(not_yet_printed)
+            handler.addFilter(not_redundant)
             handler.setFormatter(logging.Formatter("%(message)s"))
             root.addHandler(handler)
         root.setLevel(logging.INFO)

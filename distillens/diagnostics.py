@@ -20,6 +20,7 @@ Nothing here depends on the training module: the validation callback and `distil
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ from distillens.lens import LogitLens
 from distillens.losses import IGNORE_INDEX, get_token_divergence, log_probs
 from distillens.models import ModelSpec, check_same_vocabulary, load_model, load_tokenizer
 from distillens.objective import LayerPairs
+
+log = logging.getLogger(__name__)
 
 QUANTITIES = ("divergence", "student_entropy", "teacher_entropy", "student_top1", "teacher_top1")
 """Per-depth values of a report, in the order they are accumulated."""
@@ -237,6 +240,19 @@ def load_student(spec: str, teacher: PreTrainedModel) -> tuple[PreTrainedModel, 
     return load_model(ModelSpec(source=spec)), None
 
 
+def run_teacher_adapter(checkpoint: dict[str, Any] | None, teacher: str) -> str | None:
+    """The adapter a checkpoint's run merged into its teacher, when ``teacher`` names that run's teacher (the same
+    string or the same folder); None otherwise: another teacher is compared as it is."""
+    run = ((checkpoint or {}).get("hyper_parameters") or {}).get("teacher") or {}
+    adapter, source = run.get("adapter"), run.get("source")
+    if adapter is None or source is None:
+        return None
+    same = source == teacher or (Path(source).exists() and Path(source).resolve() == Path(teacher).resolve())
+    if same:
+        log.info("teacher %s with the adapter its run merged, %s", teacher, adapter)
+    return adapter if same else None
+
+
 def diagnosed_pairs(
     student: LogitLens,
     teacher: LogitLens,
@@ -275,6 +291,7 @@ def diagnose(
     data: str,
     out: str,
     *,
+    teacher_adapter: str | None = None,
     divergence: str = "jsd",
     student_layers: list[int] | None = None,
     teacher_layers: list[int] | None = None,
@@ -296,6 +313,8 @@ def diagnose(
         student: as teacher, a .ckpt, or layers:i,j,... of the teacher
         data: a data file or folder the data module reads
         out: folder for lens_diagnostics.png and .json
+        teacher_adapter: a PEFT adapter merged into the teacher; unset: for a .ckpt whose run's teacher is
+            --teacher, that teacher's own adapter (model.teacher.adapter), as the run trained against it
         divergence: divergence between lens distributions
         student_layers: student hidden-state indices to compare, paired with teacher_layers; unset: a .ckpt's
             own training pairs, else every depth
@@ -308,9 +327,12 @@ def diagnose(
         template: alpaca, chat, or a string with {instruction}; unset: a .ckpt's training template, else alpaca
         cache_dir: folder for the tokenised data
     """
-    teacher_spec = ModelSpec(source=teacher)
+    # a checkpoint first: its run's teacher may have had an adapter, which the teacher measured against needs too
+    loaded = student_and_checkpoint(student) if student.endswith(".ckpt") else None
+    adapter = teacher_adapter or run_teacher_adapter(loaded[1] if loaded else None, teacher)
+    teacher_spec = ModelSpec(source=teacher, adapter=adapter)
     teacher_model = load_model(teacher_spec)
-    student_model, checkpoint = load_student(student, teacher_model)
+    student_model, checkpoint = loaded or load_student(student, teacher_model)
     check_same_vocabulary(student_model, teacher_model)
     student_lens, teacher_lens = LogitLens(student_model), LogitLens(teacher_model)
     pairs = diagnosed_pairs(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -64,14 +65,19 @@ class LoraSpec:
     dropout: float = 0.1
     """Dropout on the adapter's input while training (the paper's Qwen run: 0.1)."""
     target_modules: list[str] | str | None = None
-    """Names (or name suffixes) of the linear layers to adapt, e.g. [q_proj, v_proj], or "all-linear"; None uses
-    PEFT's default for the model family (q_proj and v_proj for Llama and Qwen2, c_attn for GPT-2)."""
+    """Names (or name suffixes) of the linear layers to adapt, e.g. [q_proj, v_proj], one name (q_proj), or
+    "all-linear"; None uses PEFT's default for the model family (q_proj and v_proj for Llama and Qwen2, c_attn for
+    GPT-2)."""
 
     def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError(
-                f"lora: r={self.r} must be >= 1, alpha={self.alpha} > 0 and dropout={self.dropout} in [0, 1)"
-            )
+        """One line naming the setting at fault and its value alone (only a student has LoRA adapters)."""
+        for name, bad, rule in (
+            ("r", self.r < 1, "must be >= 1"),
+            ("alpha", self.alpha <= 0, "must be > 0"),
+            ("dropout", not 0 <= self.dropout < 1, "must be in [0, 1)"),
+        ):
+            if bad:
+                raise ValueError(f"model.student.lora.{name}={getattr(self, name)}: {rule}")
 
 
 @dataclass
@@ -204,21 +210,40 @@ def merge_adapter(model: PreTrainedModel, adapter: str, revision: str | None = N
     location = _adapter_location(adapter)
     hub = _hub_options(location, revision)
     with _hub_errors(location, revision):
-        wrapped = PeftModel.from_pretrained(model, location.name, is_trainable=False, **hub)
+        try:
+            wrapped = PeftModel.from_pretrained(model, location.name, is_trainable=False, **hub)
+        # PEFT's size mismatch or missing target modules: an adapter trained on another base model
+        except (RuntimeError, ValueError, KeyError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"adapter {adapter!r} does not fit {type(model).__name__} (model_type "
+                f"{model.config.model_type!r}, hidden size {getattr(model.config, 'hidden_size', '?')}): it was "
+                f"trained on another base model ({reason.rstrip(':')})"
+            ) from error
     return wrapped.merge_and_unload()
 
 
 def _adapter_location(adapter: str) -> _Location:
     path = Path(adapter).expanduser()
     if path.is_dir():
-        if not (path / "adapter_config.json").is_file():
+        config = path / "adapter_config.json"
+        if not config.is_file():
             raise FileNotFoundError(
                 f"adapter {adapter!r}: no adapter_config.json in it (not a PEFT adapter folder)"
             )
+        _check_json(config)
         return _Location(str(path))
     if not path.exists() and is_hub_id(adapter):
         return _Location(adapter, is_hub_id=True)
     raise FileNotFoundError(f"adapter {adapter!r}: no such folder ({path.absolute()})")
+
+
+def _check_json(path: Path) -> None:
+    """PEFT's JSON errors name a line and column but not the file: read it first, naming it."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
 def add_lora(model: PreTrainedModel, lora: LoraSpec | LoraConfig) -> PeftModel:
@@ -232,6 +257,9 @@ def add_lora(model: PreTrainedModel, lora: LoraSpec | LoraConfig) -> PeftModel:
         config, targets = copy.deepcopy(lora), lora.target_modules
     else:
         targets = lora.target_modules
+        if isinstance(targets, str) and targets != "all-linear":
+            # one name or suffix, as in a list; PEFT would read a string as a regex of whole module names
+            targets = [targets]
         config = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
@@ -531,6 +559,40 @@ def _with_special_tokens(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+POSITION_FIELDS = ("n_positions", "max_position_embeddings")
+"""Config fields holding the longest input a model takes: GPT-2's learned positions, the others' trained range."""
+
+
+def position_limit(model: PreTrainedModel, role: str) -> tuple[str, int] | None:
+    """(what names it, value) of the longest sequence ``model`` takes, e.g. ("the student's config.n_positions",
+    1024) for GPT-2; None when its config names none."""
+    for field in POSITION_FIELDS:
+        value = getattr(model.config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return f"the {role}'s config.{field}", value
+    return None
+
+
+def check_sequence_fits(
+    setting: str, value: int, limits: Sequence[tuple[str, int] | None], prompt: tuple[str, int] | None = None
+) -> None:
+    """One line at start-up when the longest sequence ``setting`` makes is over a limit: a model's positions (an
+    IndexError deep in GPT-2's embedding, or silent extrapolation past a Llama's trained range) or data.max_length.
+
+    Args:
+        setting, value: the setting and its value, e.g. ("data.max_length", 1024).
+        limits: (what names it, value) of each limit the sequence must fit (``position_limit``); None: no limit.
+        prompt: (setting, value) of the prompts a generated answer follows, e.g. ("data.max_prompt_length", 256).
+    """
+    before = prompt[1] if prompt is not None else 0
+    for limit in limits:
+        if limit is not None and before + value > limit[1]:
+            plus = f" plus prompts of up to {prompt[0]}={before} tokens ({before + value})" if before else ""
+            raise ValueError(
+                f"{setting}={value}{plus} is over {limit[0]}={limit[1]}: use {setting} <= {limit[1] - before}"
+            )
 
 
 def check_same_vocabulary(student: PreTrainedModel, teacher: PreTrainedModel) -> None:

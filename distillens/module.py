@@ -37,9 +37,11 @@ from distillens.models import (
     ModelSpec,
     check_hub_sources,
     check_same_vocabulary,
+    check_sequence_fits,
     is_lora,
     load_model,
     load_tokenizer,
+    position_limit,
     rebuildable,
 )
 from distillens.objective import LayerPairs, LossConfig, Objective, Terms, token_means
@@ -137,11 +139,35 @@ class DistillationModule(L.LightningModule):
             teacher.requires_grad_(False).eval()
             object.__setattr__(self, "teacher", teacher)
             check_same_vocabulary(self.student, teacher)
+        self._check_sequence_lengths()
         self.objective = Objective(
             self.loss_config, self.layer_pairs, self.student, teacher, self.projections,
             copied_from=self.student_spec.init_from_teacher_layers,
         )  # fmt: skip
         self._apply_strategy()
+
+    def _check_sequence_lengths(self) -> None:
+        """Every sequence the run's settings make fits the models that read it (and generated training rows fit
+        data.max_length, as the data's rows do): one line naming the setting and the limit, before any step."""
+        data = getattr(self._trainer, "datamodule", None)
+        max_length, max_prompt = getattr(data, "max_length", None), getattr(data, "max_prompt_length", None)
+        if not isinstance(max_length, int) or not isinstance(max_prompt, int):
+            return  # no trainer, or a data module without these settings
+        models = {"student": self.student, "teacher": self.teacher}
+        limits = {role: position_limit(model, role) for role, model in models.items() if model is not None}
+        check_sequence_fits("data.max_length", max_length, list(limits.values()))
+        prompt = ("data.max_prompt_length", max_prompt)
+        if self.on_policy.enabled:
+            lengths = [("data.max_length", max_length)]
+            check_sequence_fits(
+                "model.on_policy.max_new_tokens", self.on_policy.max_new_tokens, lengths, prompt
+            )
+        generates = self.generation.every_n_val > 0 or self._trainer.state.fn == "test"
+        if generates and self.generation.generator in limits:
+            limit = [limits[self.generation.generator]]
+            check_sequence_fits(
+                "model.generation.max_new_tokens", self.generation.max_new_tokens, limit, prompt
+            )
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Generation-based evaluation with this module's settings, in every run that tests or validates, and a

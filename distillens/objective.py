@@ -14,6 +14,7 @@ short micro-batches weigh by their tokens, not by their count. ``Terms.total()``
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ from distillens.distributed import gathered
 from distillens.lens import LogitLens, lens_loss, naive_lens_loss, projected_divergence
 from distillens.losses import HAS_REFERENCE, IGNORE_INDEX, check_divergence_params, masked_mse
 from distillens.sampling import LensDraw, check_sampling, draw_lens_subset, exact_draw
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -265,6 +268,12 @@ class Objective:
             self.student_layers, self.teacher_layers = pairs.resolve(
                 self.student_lens.num_layers, self.teacher_lens.num_layers, copied_from
             )
+        pairs_per_step, count = config.lens_pairs_per_step, len(self.student_layers)
+        if config.lens_weight and pairs_per_step is not None and pairs_per_step > count:
+            log.warning(
+                "model.loss.lens_pairs_per_step=%d is more than the %d layer pairs: every pair is used in every "
+                "step (the exact lens term)", pairs_per_step, count,
+            )  # fmt: skip
         if config.mse_weight and not len(self.projections):
             d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
             self.projections.extend(nn.Linear(d_t, d_s, bias=False) for _ in self.student_layers)

@@ -82,10 +82,10 @@ class OnPolicyConfig:
             )
         if self.teacher_fraction and not has_teacher:
             raise ValueError("model.on_policy.teacher_fraction > 0 needs model.teacher to write the answers")
-        if self.enabled and not reads_teacher:
+        if self.student_fraction and not reads_teacher:  # the teacher's answers are CE's references
             raise ValueError(
-                "model.on_policy needs a teacher term (model.loss.kd_weight, lens_weight or mse_weight > 0): "
-                "generated answers have no reference for the cross-entropy"
+                "model.on_policy.student_fraction > 0 needs a teacher term (model.loss.kd_weight, lens_weight or "
+                "mse_weight > 0): the student's own answers have no reference for the cross-entropy"
             )
         if self.start_step < 0:
             raise ValueError(f"model.on_policy.start_step={self.start_step}: use 0 or a positive step count")

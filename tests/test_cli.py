@@ -422,6 +422,23 @@ BAD_INPUTS = {
         ["--model.teacher.config", "null", "--model.teacher.source", "nobody/no-such-model"],
         "nobody/no-such-model",
     ),
+    "data.max_length over a GPT-2 student's positions": (
+        [
+            "--model.student.config",
+            "{{model_type: gpt2, vocab_size: 49152, n_embd: 32, n_layer: 2, n_head: 4, n_positions: 64}}",
+        ],
+        "data.max_length=128 is over the student's config.n_positions=64: use data.max_length <= 64",
+    ),
+    "on-policy answers past data.max_length": (
+        ["--model.on_policy.teacher_fraction", "0.5", "--model.on_policy.max_new_tokens", "64"],
+        "model.on_policy.max_new_tokens=64 plus prompts of up to data.max_prompt_length=96 tokens (160) is over "
+        "data.max_length=128: use model.on_policy.max_new_tokens <= 32",
+    ),
+    "generated answers past the positions": (
+        ["--model.generation.every_n_val", "1", "--model.generation.max_new_tokens", "600"],
+        "model.generation.max_new_tokens=600 plus prompts of up to data.max_prompt_length=96 tokens (696) is over "
+        "the student's config.max_position_embeddings=512: use model.generation.max_new_tokens <= 416",
+    ),
     "malformed yaml": (["--config", "{yaml}"], "broken.yaml line 3"),
     "missing config file": (["--config", "{tmp}/absent.yaml"], "absent.yaml"),
 }
@@ -437,11 +454,31 @@ def bad_args(case: str, tmp_path: Path, cache_dir: Path, yaml_path: Path) -> tup
 def test_bad_input_is_one_error_line(case, tmp_path, cache_dir, malformed_yaml, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args, expected = bad_args(case, tmp_path, cache_dir, malformed_yaml)
-    code, _, err = run_in_process(args, capsys)
+    code, out, err = run_in_process(args, capsys)
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), f"stderr was:\n{err}"
     assert expected in lines[0]
+    assert "no checkpoint was saved yet" not in out  # a set-up error has nothing to say about checkpoints
+
+
+CONFIG_FILES = {
+    # case: (the file's bytes, text the error line must contain after the file's name)
+    "not utf-8": (b"trainer:\n  max_steps: 3 # \xe9t\xe9\n", "not UTF-8 text"),
+    "empty": (b"# nothing set yet\n", "empty"),
+    "top-level list": (b"- trainer: {max_steps: 3}\n", "a list, not a mapping of settings"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_FILES)
+def test_a_config_file_that_is_not_a_mapping_is_one_line_naming_it(case, tmp_path, cache_dir, capsys):
+    content, expected = CONFIG_FILES[case]
+    path = tmp_path / "mine.yaml"
+    path.write_bytes(content)
+    code, _, err = run_in_process(["fit", *tiny_args(tmp_path, cache_dir, "--config", str(path))], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), err
+    assert f"{path}: " in lines[0] and expected in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("case", ["vocabulary mismatch", "unknown model id"])
@@ -611,6 +648,52 @@ def test_a_hub_model_without_network_is_one_line_in_seconds(tmp_path, cache_dir,
         "unreachable" in err
     )
     assert "point model.teacher.source at the folder, or set HF_HUB_OFFLINE=1" in err
+
+
+def test_the_readme_spells_command_options_as_their_help_pages_do():
+    """`distillens export --help` lists --adapter_only: the README names it so (the dashed spelling still works)."""
+    from distillens.commands import COMMANDS
+
+    readme = (REPO / "README.md").read_text()
+    for command in COMMANDS.values():
+        for parameter in inspect.signature(command.function).parameters:
+            assert f"--{parameter.replace('_', '-')}" not in readme or "_" not in parameter, parameter
+
+
+def test_the_readme_says_which_changed_settings_a_resume_lists():
+    """The resume line lists changed module hyper-parameters (resume.describe_changes): model.* settings, not
+    the trainer's."""
+    text = " ".join((REPO / "README.md").read_text().split())
+    assert "one line lists each change;" not in text
+    assert "one line lists each changed `model.*` setting (trainer settings are not listed)" in text
+
+
+def test_no_library_tip_warning_or_progress_bar_reaches_the_console(tmp_path, capsys):
+    """What every run printed and no user can act on: Lightning's litlogger tip (stdout), transformers'
+    deprecation FutureWarning on every LoRA student, its "Loading weights" bar on stderr."""
+    import warnings
+
+    import lightning as L
+    from transformers import LlamaConfig
+
+    from distillens.console import route_logging
+    from distillens.models import LoraSpec, ModelSpec, add_lora, load_model
+
+    fields = dict(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(LlamaConfig(**fields)).save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # what the first run of a process shows (later ones hide repeats)
+        route_logging()
+        L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        add_lora(load_model(ModelSpec(source=str(tmp_path / "model"))), LoraSpec(r=2))
+    out, err = capsys.readouterr()
+    assert "litlogger" not in out, out
+    assert err == "", err
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
 def test_a_library_loggers_record_is_printed_once(capsys):

@@ -6,6 +6,7 @@ tokens back to text, so a wrong template, boundary or mask fails whatever the im
 
 from __future__ import annotations
 
+import codecs
 import csv
 import inspect
 import json
@@ -762,3 +763,49 @@ def test_a_jsonl_file_that_is_not_utf8_is_an_error_naming_the_file_and_line(tmp_
     path.write_bytes(b'{"instruction": "a", "response": "b"}\n{"instruction": "caf\xe9", "response": "b"}\n')
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))} line 2: not UTF-8 text \(byte 0xe9\)"):
         sources_code.read_json_rows(path)
+
+
+def test_a_data_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    """Some editors (Notepad, Excel) start UTF-8 files with a byte-order mark: the rows are the same."""
+    rows = [{"instruction": "a", "response": "b"}, {"instruction": "c", "response": "d"}]
+    lines = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    (tmp_path / "bom.jsonl").write_bytes(codecs.BOM_UTF8 + lines)
+    (tmp_path / "bom.json").write_bytes(codecs.BOM_UTF8 + json.dumps(rows).encode())
+    for name in ("bom.jsonl", "bom.json"):
+        assert [row.values for row in sources_code.read_json_rows(tmp_path / name)] == rows, name
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("odd.csv", b"instruction,output\na,b\nc,d,e,f\n", "Expected 2 fields in line 3, saw 4"),
+        ("cut.parquet", b"PAR1 not a parquet file", "Parquet magic bytes not found"),
+    ],
+)
+def test_an_unreadable_table_is_one_error_naming_the_line_and_nothing_else(
+    name, content, reason, tmp_path, capsys, monkeypatch
+):
+    """The error names the file and the parser's reason (the csv's line); datasets logs no error record and draws
+    no progress bar of its own, so a failed run's stderr is the error line alone."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    records = Records()
+    logging.getLogger("datasets").addHandler(records)
+    try:
+        with pytest.raises(
+            ValueError, match=rf"{re.escape(str(path))}: not a readable .*{re.escape(reason)}"
+        ):
+            sources_code.read_table_rows(path, tmp_path / "cache")
+    finally:
+        logging.getLogger("datasets").removeHandler(records)
+    assert [r.getMessage() for r in records.records if r.levelno >= logging.WARNING] == []
+    assert capsys.readouterr().err == ""

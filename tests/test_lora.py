@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -261,8 +262,88 @@ def test_bad_lora_and_adapter_settings_are_one_clear_line(model_dir, tmp_path):
         add_lora(
             load_model(ModelSpec(source=str(model_dir / "student"))), LoraSpec(target_modules=["nowhere"])
         )
-    with pytest.raises(ValueError, match="r=0 must be >= 1"):
+    with pytest.raises(ValueError, match="model.student.lora.r=0: must be >= 1"):
         LoraSpec(r=0)
+
+
+@pytest.mark.parametrize(("field", "value"), [("r", 0), ("alpha", 0.0), ("dropout", 1.0), ("dropout", -0.1)])
+def test_a_lora_value_out_of_range_names_its_setting_alone(field, value):
+    """The line names the setting (model.student.lora.<field>) and the value at fault, not the others."""
+    with pytest.raises(ValueError) as raised:
+        LoraSpec(**{field: value})
+    message = str(raised.value)
+    assert message.startswith(f"model.student.lora.{field}={value}: "), message
+    others = {"r", "alpha", "dropout"} - {field}
+    assert not any(f"{other}=" in message for other in others), message
+
+
+def test_a_single_target_name_adapts_the_layers_it_names(model_dir):
+    """target_modules: q_proj (a string, as `--model.student.lora.target_modules q_proj` gives) is one name,
+    like [q_proj]; "all-linear" keeps its meaning."""
+    student = ModelSpec(source=str(model_dir / "student"))
+    for targets in ("q_proj", ["q_proj"]):
+        wrapped = add_lora(load_model(student), LoraSpec(target_modules=targets))
+        adapted = {
+            name.rsplit(".", 1)[-1] for name, module in wrapped.named_modules() if hasattr(module, "lora_A")
+        }
+        assert adapted == {"q_proj"}, targets
+
+
+def test_an_adapter_of_another_base_is_one_line_naming_it(model_dir, tmp_path):
+    """The student's adapter (hidden size 32) on the teacher (64): one ValueError naming the adapter and the
+    model, not PEFT's size-mismatch traceback."""
+    adapted = add_lora(load_model(ModelSpec(source=str(model_dir / "student"))), LoraSpec(**LORA))
+    adapted.save_pretrained(tmp_path / "student_adapter")
+    spec = ModelSpec(source=str(model_dir / "teacher"), adapter=str(tmp_path / "student_adapter"))
+    with pytest.raises(ValueError) as raised:
+        load_model(spec)
+    message = str(raised.value)
+    assert "\n" not in message and str(tmp_path / "student_adapter") in message, message
+    assert "another base model" in message and "LlamaForCausalLM" in message, message
+
+
+def test_a_malformed_adapter_config_is_one_line_naming_the_file(model_dir, tmp_path):
+    folder = tmp_path / "broken_adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{\n")
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'adapter_config.json'}: not valid JSON")):
+        load_model(ModelSpec(source=str(model_dir / "teacher"), adapter=str(folder)))
+
+
+def test_diagnose_of_a_run_whose_teacher_had_an_adapter_merges_it(model_dir, tmp_path, monkeypatch):
+    """`diagnose --teacher <the run's teacher> --student run.ckpt` measures against the teacher the run trained
+    with, its adapter merged, not the plain base (which differs: test_teacher_adapter_is_merged_at_load)."""
+    import distillens.diagnostics as diagnostics
+
+    module = make_module(model_dir, lora=None)
+    module.configure_model()
+    checkpoint = tmp_path / "run.ckpt"
+    torch.save(
+        {
+            "student_config": module.student.config.to_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "state_dict": module.state_dict(),
+        },
+        checkpoint,
+    )
+    teachers = []
+
+    class Stop(Exception):
+        pass
+
+    def measured(student, teacher, batches, **options):
+        teachers.append(teacher.model)
+        raise Stop
+
+    monkeypatch.setattr(diagnostics, "labelled_batches", lambda *args, **kwargs: [])
+    monkeypatch.setattr(diagnostics, "lens_diagnostics", measured)
+    with pytest.raises(Stop):
+        diagnostics.diagnose(str(model_dir / "teacher"), str(checkpoint), "unused", str(tmp_path / "out"))
+    want = load_model(
+        ModelSpec(source=str(model_dir / "teacher"), adapter=str(model_dir / "teacher_adapter"))
+    )
+    ids = sample_ids()
+    torch.testing.assert_close(logits(teachers[0], ids), logits(want, ids))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -310,3 +310,36 @@ def test_default_objective_is_the_papers():
         {},
         {},
     )
+
+
+@pytest.mark.parametrize(("limit", "used"), [(1.0, 8), (0.5, 4), (0.3, 2), (3, 3)])
+def test_initial_validation_uses_the_batches_later_validations_use(limit, used):
+    """A fractional limit_val_batches keeps int(fraction x batches) of them, as Lightning's validations do, so the
+    step-0 value is on the same batches as the rest of the curve."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import Precision
+
+    from distillens.callbacks import InitialValidation
+    from distillens.objective import Terms
+
+    seen = []
+
+    class Module(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def forward(self, batch):
+            seen.append(batch["index"])
+            return Terms(
+                tokens=torch.tensor(2.0), sums={"kd": torch.tensor(1.0)}, pair_means={}, weights={"kd": 1}
+            )
+
+        def transfer_batch_to_device(self, batch, device, index):
+            return batch
+
+    trainer = SimpleNamespace(
+        global_step=0, limit_val_batches=limit, loggers=[], precision_plugin=Precision(),
+        datamodule=SimpleNamespace(val_dataloader=lambda: [{"index": i} for i in range(8)]),
+    )  # fmt: skip
+    InitialValidation().on_train_start(trainer, Module())
+    assert seen == list(range(used))

@@ -156,10 +156,26 @@ def test_teacher_answers_need_a_teacher_and_student_answers_a_teacher_term(monke
     monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
     with pytest.raises(ValueError, match="teacher_fraction > 0 needs model.teacher"):
         OnPolicyConfig(teacher_fraction=0.5).check(has_teacher=False, reads_teacher=False)
-    with pytest.raises(ValueError, match="needs a teacher term"):
+    with pytest.raises(ValueError, match="student_fraction > 0 needs a teacher term"):
         build(
             monkeypatch, student_fraction=0.5, loss=LossConfig(ce_weight=1.0, kd_weight=0.0, lens_weight=0.0)
         )
+
+
+def test_sequence_level_kd_with_cross_entropy_alone_trains_on_the_teachers_answers(
+    monkeypatch, batch, recorded
+):
+    """CE treats the teacher's answers as references (README, On-policy training): with CE as the only term,
+    teacher_fraction is sequence-level KD in its classic form, and the step is CE on the teacher's answers."""
+    module = build(
+        monkeypatch, loss=LossConfig(ce_weight=1.0, kd_weight=0.0, lens_weight=0.0), teacher_fraction=1.0,
+        max_new_tokens=4,
+    )  # fmt: skip
+    loss, gradient = step(module, batch)
+    (call,) = recorded
+    assert call["model"] is module.teacher
+    want_loss, want_gradient = objective(module, hand_built(call["new_ids"]))
+    assert torch.equal(loss, want_loss) and torch.equal(gradient, want_gradient) and float(loss) > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import sys
 from pathlib import Path
@@ -108,6 +109,18 @@ def test_every_pair_and_token_is_drawn_with_probability_m_over_k_and_n_over_n():
 def test_out_of_range_options_are_one_clear_error(monkeypatch, pairs_per_step, fraction, message):
     with pytest.raises(ValueError, match=message):
         build(monkeypatch, lens_pairs_per_step=pairs_per_step, lens_token_fraction=fraction)
+
+
+def test_more_pairs_per_step_than_pairs_says_every_pair_is_used(monkeypatch, caplog):
+    with caplog.at_level(logging.WARNING, logger="distillens"):
+        build(monkeypatch, lens_pairs_per_step=3)
+        assert not caplog.records
+        build(monkeypatch, lens_pairs_per_step=10)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "model.loss.lens_pairs_per_step=10 is more than the 3 layer pairs: every pair is used in every step "
+        "(the exact lens term)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

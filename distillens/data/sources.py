@@ -5,8 +5,10 @@ Each row is kept with where it came from (`Row.where`), so that errors further d
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,8 +119,9 @@ def read_json_rows(path: Path) -> list[Row]:
 
 
 def read_utf8(path: Path) -> str:
-    """A text file's contents; bytes that are not UTF-8 are an error naming the file and the line."""
-    data = path.read_bytes()
+    """A text file's contents, without the byte-order mark some editors write first; bytes that are not UTF-8 are
+    an error naming the file and the line."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -138,10 +141,37 @@ def read_table_rows(path: Path, cache_dir: Path) -> list[Row]:
     """Rows of a .parquet/.csv file, read through `datasets` (kept in memory; its arrow cache under cache_dir)."""
     reader = datasets.Dataset.from_parquet if path.suffix == ".parquet" else datasets.Dataset.from_csv
     try:
-        table = reader(str(path), cache_dir=str(cache_dir), keep_in_memory=True)
+        with _datasets_quiet():
+            table = reader(str(path), cache_dir=str(cache_dir), keep_in_memory=True)
     except Exception as error:  # datasets/pyarrow raise many types; all mean "this file is unreadable"
-        raise ValueError(f"{path}: not a readable {path.suffix[1:]} file ({_first_line(error)})") from error
+        reason = _first_line(
+            _innermost(error)
+        )  # pandas' "Expected 2 fields in line 3", not datasets' wrapper
+        raise ValueError(f"{path}: not a readable {path.suffix[1:]} file ({reason})") from error
     return [Row(record, f"{path} row {number}") for number, record in enumerate(table, start=1)]
+
+
+@contextmanager
+def _datasets_quiet() -> Iterator[None]:
+    """No progress bar or error record from `datasets` while it reads a file: a bad file is the one error line
+    ``read_table_rows`` raises, and a good one too quick to need a bar."""
+    logger = logging.getLogger("datasets")
+    level, bars = logger.level, datasets.utils.logging.is_progress_bar_enabled()
+    logger.setLevel(logging.CRITICAL)
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The exception at the bottom of a chain of causes: the parser's own message."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def hub_offline() -> bool:
