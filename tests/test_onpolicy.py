@@ -33,7 +33,7 @@ from distillens.cli import run_cli
 from distillens.data.collate import TrainingCollator, pad_sequences
 from distillens.models import LoraSpec, ModelSpec, is_lora
 from distillens.module import DistillationModule
-from distillens.objective import LayerPairs, LossConfig
+from distillens.objective import LayerPairs, LossConfig, Objective
 from distillens.onpolicy import (
     HAS_REFERENCE,
     REFERENCE,
@@ -216,6 +216,31 @@ def test_fraction_zero_is_todays_loss_and_gradient_bit_for_bit(monkeypatch, batc
         want, got = objective(today, batch), step(zero, batch)  # the objective alone, no on-policy code
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert recorded == [] and zero._window_tokens == 3 * (4 + 1 + 3)
+
+
+def test_each_micro_batch_of_a_step_is_a_draw_of_its_own(monkeypatch, batch):
+    """Accumulating gradients, every micro-batch of one optimizer step draws anew: its source (and so its answers'
+    sampling seed) and its sampled lens pairs. Unit tests elsewhere set the micro-batch counter by hand and fits
+    run one micro-batch a step, so this is where a counter that never moves shows."""
+    loss = LossConfig(kd_weight=1.0, lens_weight=1.0, chunk_size=4, lens_pairs_per_step=1, fused=False)
+    module = build(monkeypatch, loss=loss, student_fraction=0.5)
+    choice_seeds, lens_seeds = [], []
+
+    def choose(config, seed):
+        choice_seeds.append(seed)
+        return REFERENCE  # no generation: the seeds are what is checked
+
+    real_objective = Objective.__call__
+
+    def objective_spy(self, batch, *, training, draw_seed=0):
+        lens_seeds.append(draw_seed)
+        return real_objective(self, batch, training=training, draw_seed=draw_seed)
+
+    monkeypatch.setattr("distillens.module.choose_source", choose)
+    monkeypatch.setattr(Objective, "__call__", objective_spy)
+    for _ in range(3):  # three micro-batches of global step 0
+        module.training_step(batch, 0)
+    assert len(set(choice_seeds)) == 3 and len(set(lens_seeds)) == 3, (choice_seeds, lens_seeds)
 
 
 def test_student_fraction_one_supervises_exactly_the_generated_tokens(monkeypatch, batch, recorded):
