@@ -22,7 +22,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-from helpers import checkpoint_every_step, tiny_fit_config, write_config
+from helpers import DISTILLENS, checkpoint_every_step, subprocess_env, tiny_fit_config, write_config
 from reference import (
     Objective,
     checkpoint_student,
@@ -41,7 +41,6 @@ from distillens.resume import check_resumable
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "instructions"
-DISTILLENS = Path(sys.executable).with_name("distillens")
 MAX_STEPS = 8  # the tiny data makes 5 batches per epoch: the run crosses an epoch boundary
 CURVES = ("train/loss", "lr-AdamW/decay")  # LearningRateMonitor names each parameter group by its "name"
 KILL_AFTER_STEP = 3
@@ -165,6 +164,7 @@ def test_resume_after_kill_9_continues_the_curves(uninterrupted, tmp_path, cache
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, killed as a whole
+            env=subprocess_env(),
         )
     try:
         wait_for(checkpoints / f"step{KILL_AFTER_STEP}.ckpt", process, log, timeout_s=240)
