@@ -52,6 +52,7 @@ from distillens.onpolicy import (
     STUDENT,
     OnPolicyConfig,
     RolloutWindow,
+    check_same_draw,
     choose_source,
     roll_out,
 )
@@ -220,9 +221,7 @@ class DistillationModule(L.LightningModule):
     def _draw_seed(self, *stream: int) -> int:
         """The seed of a draw of this micro-batch: a function of the run's seed, the step, the micro-batch (and
         ``stream``) only, so the same on every rank and again on resume."""
-        return draw_seed(
-            int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_step, self._window_batches, *stream
-        )
+        return draw_seed(_run_seed(), self.global_step, self._window_batches, *stream)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         batch = self._maybe_roll_out(batch)
@@ -237,11 +236,13 @@ class DistillationModule(L.LightningModule):
     def _maybe_roll_out(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """This micro-batch as drawn: as it is, or rebuilt on the student's or the teacher's answers (onpolicy.py).
 
-        Every rank draws the same source, so under FSDP all ranks generate together (``synced_gpus``).
+        Every rank draws the same source, so under FSDP all ranks generate together (``synced_gpus``); ranks that
+        drew differently (a seed per process) stop at once with one error (``check_same_draw``), not in a hang.
         """
         if not self.on_policy.enabled:
             return batch  # off: nothing to draw or record
         source = choose_source(self.on_policy, self._draw_seed(CHOICE_STREAM), self.global_step)
+        check_same_draw(source, _run_seed(), self.global_step, self._window_batches, self.device)
         if source == REFERENCE:
             self.rollouts.add(source, None)
             return batch
@@ -392,6 +393,11 @@ def check_same_tokenizer(student: ModelSpec, teacher: ModelSpec | None, student_
             f"({len(teacher_vocab)} vs {len(student_vocab)} tokens; e.g. {differing}); distillation needs the "
             "same token ids"
         )
+
+
+def _run_seed() -> int:
+    """The run's seed (``seed_everything``), which Lightning passes to every rank's process."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def _as(cls, value):

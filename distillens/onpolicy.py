@@ -23,15 +23,17 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
 from distillens.data.collate import TrainingCollator, pad_sequences, position_ids_from_mask
-from distillens.evaluation import generate_ids
+from distillens.evaluation import generate_ids, several_ranks
 from distillens.losses import HAS_REFERENCE, IGNORE_INDEX
 
 REFERENCE, STUDENT, TEACHER = "reference", "student", "teacher"
 """Who wrote a micro-batch's responses: the data set, the student (on-policy) or the teacher (sequence-level KD)."""
+SOURCES = (REFERENCE, STUDENT, TEACHER)
 CHOICE_STREAM = 1
 """``sampling.draw_seed`` stream of the choice of a micro-batch's source (0 is the sampled lens's)."""
 SAMPLING_STREAM = 2
@@ -112,6 +114,32 @@ def choose_source(config: OnPolicyConfig, seed: int, step: int = 0) -> str:
     if u < config.student_fraction + config.teacher_fraction:
         return TEACHER
     return REFERENCE
+
+
+def check_same_draw(source: str, run_seed: int, step: int, micro_batch: int, device: torch.device) -> None:
+    """Raise the same error on every rank when the ranks' draws of this micro-batch differ; nothing on one rank.
+
+    The draw is a function of (run seed, step, micro-batch), so ranks disagree only when those do: a seed drawn
+    at random in each process (``seed_everything: true`` under torchrun), or a bug. A rank that generates while
+    another does not would wait forever in a collective the other never joins (``synced_gpus``, FSDP's
+    all-gathers); this all-gather of four integers per micro-batch turns that hang into an error at once.
+    """
+    if not several_ranks():
+        return
+    mine = torch.tensor([SOURCES.index(source), run_seed, step, micro_batch], device=device)  # (4,) int64
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    rows = [row.tolist() for row in everyone]
+    if all(row == rows[0] for row in rows):
+        return
+    drawn = "; ".join(
+        f"rank {rank}: {SOURCES[code]} (run seed {seed}, step {at}, micro-batch {index})"
+        for rank, (code, seed, at, index) in enumerate(rows)
+    )
+    raise ValueError(
+        f"model.on_policy: the ranks drew differently for one micro-batch ({drawn}); every rank must draw the "
+        "same, from the same run seed: set seed_everything to a number"
+    )
 
 
 def prompt_lengths(batch: dict[str, Tensor]) -> Tensor:

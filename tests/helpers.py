@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -11,7 +13,21 @@ from distillens.models import ModelSpec
 from distillens.module import DistillationModule
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 DATA = REPO / "data" / "instructions"
+DISTILLENS = Path(sys.executable).with_name("distillens")  # the console script of this environment
+
+
+def subprocess_env(**variables: str) -> dict[str, str]:
+    """The environment for a `distillens` or Python subprocess: this tree's root, then tests/ (the probes), first
+    on PYTHONPATH, plus ``variables``.
+
+    The interpreter's editable install points at whichever checkout installed it; a second checkout sharing its
+    virtual environment would otherwise have its subprocesses run the first checkout's code. PYTHONPATH comes
+    before the install's import hook, so every child imports the distillens these tests belong to.
+    """
+    paths = [str(REPO), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return os.environ | {"PYTHONPATH": os.pathsep.join(paths)} | variables
 
 
 def llama_spec(layers: int, hidden: int, vocab: int = 101) -> ModelSpec:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import subprocess_env
 
 from distillens import allocator
 
@@ -41,7 +42,9 @@ print(json.dumps({"kept": kept, "before": before, "after": after}))
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the setting is glibc's"
 )
 def test_large_blocks_come_from_the_heap_and_stay_there_once_freed():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, env=subprocess_env()
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     mib = 2**20
     assert result["kept"] is True

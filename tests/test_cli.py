@@ -24,6 +24,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
+from helpers import DISTILLENS, subprocess_env
 from reference import Objective, objective_sums, weighted
 from rouge_score import rouge_scorer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -40,7 +41,6 @@ from distillens.optimization import OptimizerConfig
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 DATA = REPO / "data" / "instructions"
-DISTILLENS = Path(sys.executable).with_name("distillens")  # the console script of this environment
 ERROR_PREFIX = "distillens: error: "
 MAX_STEPS = 6  # configs/tiny.yaml
 
@@ -526,7 +526,9 @@ def test_error_line_keeps_the_reason_of_a_multi_line_message(message, line):
 def test_console_script_exits_with_status_1_and_one_stderr_line(tmp_path, cache_dir, malformed_yaml):
     """The installed entry point in a real process (the in-process tests above cannot see the exit status)."""
     args, expected = bad_args("malformed yaml", tmp_path, cache_dir, malformed_yaml)
-    done = subprocess.run([DISTILLENS, *args], cwd=REPO, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [DISTILLENS, *args], cwd=REPO, capture_output=True, text=True, timeout=180, env=subprocess_env()
+    )
     assert done.returncode == 1
     assert done.stderr.startswith(ERROR_PREFIX) and done.stderr.count("\n") == 1, done.stderr
     assert expected in done.stderr and "Traceback" not in done.stderr

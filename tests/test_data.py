@@ -313,6 +313,30 @@ def test_long_prompts_are_dropped_and_long_responses_cut_and_both_counted(gpt2_t
     assert gpt2_tokenizer.eos_token_id not in cut.tolist()  # a cut response must not teach the model to stop
 
 
+@pytest.mark.parametrize("given", ["validation file", "val_size"])
+def test_long_validation_prompts_are_dropped_not_cut(given, gpt2_tokenizer, tmp_path):
+    """Validation is scored like training (teacher-forced loss), so it filters as training does: a long prompt is
+    dropped; only test sets cut it (the paper's evaluation protocol)."""
+    rows = [
+        {"instruction": "short", "output": "ok"},
+        {"instruction": "word " * 40, "output": "long"},
+        {"instruction": "short too", "output": "fine"},
+    ]
+    if given == "validation file":
+        train = write_jsonl(tmp_path / "train.jsonl", numbered_rows(3))
+        splits = {"train": str(train), "validation": str(write_jsonl(tmp_path / "dev.jsonl", rows))}
+    else:  # a validation part cut from train: with seed 1, it holds the long row (checked below)
+        source = write_jsonl(tmp_path / "train.jsonl", rows + numbered_rows(3))
+        splits = {"train": str(source), "val_size": 3, "seed": 1}
+    datamodule = ready(
+        gpt2_tokenizer, tmp_path, template="{instruction}:", max_prompt_length=8, max_length=16, **splits
+    )
+    stats = datamodule.stats["validation"]
+    references = [refs for _, refs in generation_rows(datamodule, "validation")]
+    assert (stats.kept, stats.long_prompts_dropped, stats.prompts_truncated) == (2, 1, 0)
+    assert ["long"] not in references and len(references) == 2
+
+
 # --------------------------------------------------------------------------------------------- padding
 
 

@@ -16,7 +16,6 @@ import copy
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from helpers import DISTILLENS, subprocess_env
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.utilities.data import _update_dataloader  # what Lightning itself does under DDP
 from reference import (
@@ -50,12 +50,10 @@ from distillens.objective import LayerPairs, LossConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "instructions"
-DISTILLENS = Path(sys.executable).with_name("distillens")
 DDP_TIMEOUT_S = 240
 WORLD = 2
 MAX_STEPS = 6  # configs/tiny.yaml
 RESUME_STEP = 4  # 20 rows over 2 ranks in batches of 4: 3 batches per epoch, so step 4 is inside epoch 1
-TESTS = Path(__file__).resolve().parent
 CLIP = 0.005  # gradient clipping of the DDP runs: between their first steps' gradient norms (0.0033 to 0.006)
 REPLAYED_STEPS = 3  # steps recomputed independently: two after the first, for the token count's reset
 
@@ -107,7 +105,7 @@ def run_process_group(args: list[str], log: Path) -> Finished:
     with log.open("w") as output:
         process = subprocess.Popen(
             [DISTILLENS, *args], cwd=REPO, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-            env=os.environ | {"PYTHONPATH": str(TESTS)},  # the probes
+            env=subprocess_env(),  # this tree and the probes
         )  # fmt: skip
     descendants: dict[int, psutil.Process] = {}
     deadline = time.monotonic() + DDP_TIMEOUT_S

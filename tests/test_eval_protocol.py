@@ -17,7 +17,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillens.data import InstructionDataModule
-from distillens.evaluation import GenerationSettings, generate, protocol_line, results_markdown
+from distillens.evaluation import (
+    GenerationEvaluator,
+    GenerationSettings,
+    generate,
+    protocol_line,
+    results_markdown,
+)
 from distillens.optimization import OptimizerConfig, warmup_cosine
 
 LONG = "word " * 40  # 40 GPT-2 tokens ("word" then " word" x 39) plus the template's
@@ -154,6 +160,30 @@ def test_no_repeat_ngram_size_blocks_every_repeat_of_the_whole_sequence(
     free, blocked = (sequence[0].tolist() for sequence in produced)
     assert repeated_ngrams(free, n) > 0, "the unblocked answer repeats nothing: the test would prove nothing"
     assert repeated_ngrams(blocked, n) == 0
+
+
+def test_the_evaluator_answers_under_the_configured_ngram_blocking(
+    tiny_llama, smollm2_tokenizer, monkeypatch
+):
+    """What `distillens test` and validation generation call: GenerationEvaluator.answer, with the settings'
+    no_repeat_ngram_size (the protocol line only restates the settings; the answers must follow them)."""
+    produced = []
+    original = tiny_llama.generate
+
+    def recording(*args, **kwargs):
+        produced.append(original(*args, **kwargs))  # (1, T + new)
+        return produced[-1]
+
+    monkeypatch.setattr(tiny_llama, "generate", recording)
+    prompt = "Tell me about the sea and the sky."
+    encoded = smollm2_tokenizer([prompt], return_tensors="pt")
+    batch = {**encoded, "index": [0], "prompts": [prompt], "references": [["The sea."]], "name": "set"}
+    for size in (0, 3):
+        settings = GenerationSettings(max_new_tokens=48, do_sample=False, no_repeat_ngram_size=size)
+        GenerationEvaluator(settings, smollm2_tokenizer).answer(tiny_llama, batch, seed=10)
+    free, blocked = (sequence[0].tolist() for sequence in produced)
+    assert repeated_ngrams(free, 3) > 0, "the unblocked answer repeats nothing: the test would prove nothing"
+    assert repeated_ngrams(blocked, 3) == 0
 
 
 def test_negative_no_repeat_ngram_size_is_refused(tiny_llama, smollm2_tokenizer):

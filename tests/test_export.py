@@ -3,10 +3,12 @@ model_max_length, and no overwriting of a folder unless asked."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 from reference import tiny_llama
+from tokenizers import processors
 from transformers import AutoConfig, AutoTokenizer
 
 from distillens.data.formats import Example
@@ -25,25 +27,43 @@ def student():
     return load_model(ModelSpec(**tiny_llama(2, 32, 49152))).eval()
 
 
+@pytest.fixture(scope="module")
+def bos_tokenizer(smollm2_tokenizer):
+    """SmolLM2's tokenizer made to add a BOS before every text, as Llama-2's and TinyLlama's do (SmolLM2's adds
+    nothing, so it alone cannot show a template that drops the BOS)."""
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    return tokenizer
+
+
+@pytest.mark.parametrize("tokenizer_name", ["smollm2_tokenizer", "bos_tokenizer"])
 @pytest.mark.parametrize("template", TEMPLATES)
-def test_the_exported_chat_template_gives_the_training_prompt(template, student, smollm2_tokenizer, tmp_path):
+def test_the_exported_chat_template_gives_the_training_prompt(
+    template, tokenizer_name, student, tmp_path, request
+):
     """A chat pipeline renders messages with apply_chat_template(add_generation_prompt=True): it must give the
-    prompt text, and the prompt ids, the data module trained the student on."""
-    folder = export_trained_student(student, smollm2_tokenizer, tmp_path / "out", template=template)
+    prompt text, and the prompt ids, the data module trained the student on (the BOS of a tokenizer that adds one
+    included: apply_chat_template adds no special tokens of its own)."""
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    folder = export_trained_student(student, tokenizer, tmp_path / "out", template=template)
     exported = AutoTokenizer.from_pretrained(folder)
     messages = [{"role": "user", "content": INSTRUCTION}]
-    trained_prompt = make_prompt_renderer(template, smollm2_tokenizer)(
-        Example(INSTRUCTION, "", "Red.", ("Red.",))
-    )
-    assert (
-        exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == trained_prompt
-    )
+    trained_prompt = make_prompt_renderer(template, tokenizer)(Example(INSTRUCTION, "", "Red.", ("Red.",)))
     trained = tokenize_examples(
-        [trained_prompt], ["Red."], smollm2_tokenizer, prompt_special_tokens=template != "chat",
+        [trained_prompt], ["Red."], tokenizer, prompt_special_tokens=template != "chat",
         max_length=128, max_prompt_length=96,
     )  # fmt: skip
+    prompt_ids = trained.sequences[0][: trained.prompt_lengths[0]]
+    if tokenizer_name == "bos_tokenizer" and template != "chat":
+        assert prompt_ids[0] == tokenizer.bos_token_id  # the case this tokenizer is here for
+        trained_prompt = tokenizer.bos_token + trained_prompt
+    rendered = exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == trained_prompt
     ids = exported.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-    assert list(ids) == trained.sequences[0][: trained.prompt_lengths[0]]
+    assert list(ids) == prompt_ids
     assert json.loads((folder / "config.json").read_text())["distillens_prompt_template"] == template
     assert AutoConfig.from_pretrained(folder).distillens_prompt_template == template
 

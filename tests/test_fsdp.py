@@ -9,7 +9,6 @@ torchrun sets them (Lightning then launches nothing itself).
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import subprocess_env
 from reference import Objective, grad_norm, objective_sums, relative_difference, train_reference, weighted
 from tokenizers import Tokenizer, models
 from torch import Tensor
@@ -186,10 +186,10 @@ def launch_workers(workdir: Path) -> list[subprocess.Popen]:
     """Start the ranks as torchrun would: each gets its rank and the rendezvous address in its environment."""
     port, procs = free_port(), []
     for rank in range(WORLD):
-        env = os.environ | {
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD), "RANK": str(rank),
-            "LOCAL_RANK": str(rank), "NODE_RANK": "0", "OMP_NUM_THREADS": "1",
-        }  # fmt: skip
+        env = subprocess_env(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+            LOCAL_RANK=str(rank), NODE_RANK="0", OMP_NUM_THREADS="1",
+        )  # fmt: skip
         with open(workdir / f"rank{rank}.log", "w") as log:  # the child keeps its own copy of the handle
             command = [sys.executable, __file__, str(workdir)]
             procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -323,7 +323,9 @@ def test_consolidated_checkpoint_exports(runs, tmp_path):
     single_file = tmp_path / "consolidated.ckpt"
     command = [sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint"]
     subprocess.run(
-        [*command, str(runs["dir"] / "sharded.ckpt"), "--output_file", str(single_file)], check=True
+        [*command, str(runs["dir"] / "sharded.ckpt"), "--output_file", str(single_file)],
+        check=True,
+        env=subprocess_env(),
     )
     student = AutoModelForCausalLM.from_pretrained(export_checkpoint(single_file, tmp_path / "student"))
     assert_states_close(student.state_dict(), runs["single"].weights[STEPS - 1], rtol=1e-4, atol=1e-5)

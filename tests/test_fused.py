@@ -49,6 +49,31 @@ def test_the_compiled_kernel_equals_the_eager_closed_form_for_any_row_count(name
         torch.testing.assert_close(no_grad_values, eager_values, rtol=1e-5, atol=1e-6)
 
 
+def jsd_by_hand(student: torch.Tensor, teacher: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Per-row generalised JSD in float64 from its definition, 0 log 0 = 0 through xlogy (not distillens code)."""
+    p_s, p_t = student.double().softmax(-1), teacher.double().softmax(-1)  # (n, V)
+    m = beta * p_t + (1 - beta) * p_s  # (n, V)
+    return (beta * torch.xlogy(p_t, p_t / m) + (1 - beta) * torch.xlogy(p_s, p_s / m)).sum(-1).float()  # (n,)
+
+
+@pytest.mark.parametrize("masked", ["teacher", "student"])
+@pytest.mark.parametrize("beta", [0.5, 0.2])
+def test_entries_masked_in_one_model_only_give_the_jsd_of_its_definition(masked, beta):
+    """-inf in one model's logits only: that model's 0 log 0 terms vanish, the other model's terms in the same
+    columns count. (The test above masks the same columns in both, where either model's zero clears both terms.)"""
+    student = logits(5, torch.float32, 1, with_inf=masked == "student")
+    teacher = logits(5, torch.float32, 2, with_inf=masked == "teacher")
+    want = jsd_by_hand(student, teacher, beta)
+    values, grad = fused.value_and_weighted_grad(
+        "jsd", student, teacher, torch.tensor(1.0), fused=True, beta=beta
+    )
+    eager_values, eager_grad = losses.TOKEN_GRADIENTS["jsd"](student, teacher, beta=beta)
+    for got in (values, fused.values("jsd", student, teacher, fused=True, beta=beta), eager_values):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=3e-6)
+
+
 def test_the_compiled_kernel_takes_a_new_weight_without_recompiling(monkeypatch):
     torch._dynamo.reset()  # no earlier test's entries for this code object: the first call below compiles afresh
     monkeypatch.setattr(fused, "_COMPILED", {})

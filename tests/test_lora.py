@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from unittest import mock
 import lightning as L
 import pytest
 import torch
+from helpers import subprocess_env
 from peft import PeftModel
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
@@ -480,10 +480,10 @@ def distributed(model_dir: Path, runs: dict) -> dict:
     """Both ranks started as torchrun would start them; the single-process reference is `runs["whole"]`."""
     port, procs = free_port(), []
     for rank in range(WORLD):
-        env = os.environ | {
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD), "RANK": str(rank),
-            "LOCAL_RANK": str(rank), "NODE_RANK": "0", "OMP_NUM_THREADS": "1",
-        }  # fmt: skip
+        env = subprocess_env(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+            LOCAL_RANK=str(rank), NODE_RANK="0", OMP_NUM_THREADS="1",
+        )  # fmt: skip
         with open(model_dir / f"rank{rank}.log", "w") as log:
             command = [sys.executable, __file__, str(model_dir)]
             procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))

@@ -16,7 +16,7 @@ from distillens import losses
 from distillens.models import ModelSpec
 from distillens.module import DistillationModule
 from distillens.objective import LayerPairs, LossConfig, evenly_spaced
-from distillens.optimization import OptimizerConfig, warmup_cosine
+from distillens.optimization import OptimizerConfig, apply_settings, warmup_cosine
 
 VOCAB = 101
 
@@ -226,6 +226,29 @@ def test_norms_and_biases_are_not_decayed(monkeypatch):
             assert decay[id(param)] == (0.0 if norm_or_bias else 0.3), name
         if student.config["model_type"] == "gpt2":  # the case biases are there to test
             assert any(name.endswith(".bias") for name in names)
+
+
+def test_a_restored_optimizer_takes_the_runs_own_lr_weight_decay_and_betas(tiny_module):
+    """Loading a checkpoint's optimizer state brings back its groups' settings; on resume the run's own replace
+    them (weight decay for the decay group only), while the step count and moments are kept."""
+    saved = optimizer_of(tiny_module(optimizer=OptimizerConfig(lr=1e-3, weight_decay=0.01, warmup=0)), 10)
+    for param in (p for group in saved["optimizer"].param_groups for p in group["params"]):
+        param.grad = torch.ones_like(param)
+    saved["optimizer"].step()
+    saved["lr_scheduler"]["scheduler"].step()
+    config = OptimizerConfig(lr=2e-4, weight_decay=0.3, betas=(0.8, 0.95), warmup=0)
+    resumed = optimizer_of(tiny_module(optimizer=config), 10)
+    optimizer, schedule = resumed["optimizer"], resumed["lr_scheduler"]["scheduler"]
+    optimizer.load_state_dict(saved["optimizer"].state_dict())
+    schedule.load_state_dict(saved["lr_scheduler"]["scheduler"].state_dict())
+    assert optimizer.param_groups[0]["weight_decay"] == 0.01  # what a restored state holds
+    apply_settings(optimizer, schedule, config, 10)
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    assert (groups["decay"]["weight_decay"], groups["no_decay"]["weight_decay"]) == (0.3, 0.0)
+    lr = 2e-4 * warmup_cosine(0, 10, 0.1)(1)  # the restored step, under the new peak
+    for group in groups.values():
+        assert tuple(group["betas"]) == (0.8, 0.95) and group["lr"] == pytest.approx(lr)
+    assert all(int(state["step"]) == 1 for state in optimizer.state.values())  # the moments stay
 
 
 def test_tokenizers_with_different_token_ids_are_an_error(tmp_path, gpt2_tokenizer, smollm2_tokenizer):

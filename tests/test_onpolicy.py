@@ -25,7 +25,16 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-from helpers import build_tiny_module, checkpoint_every_step, scalars, tiny_fit_config, write_config
+from helpers import (
+    DISTILLENS,
+    REPO,
+    build_tiny_module,
+    checkpoint_every_step,
+    scalars,
+    subprocess_env,
+    tiny_fit_config,
+    write_config,
+)
 from reference import tiny_llama
 
 import distillens.onpolicy as onpolicy
@@ -33,7 +42,7 @@ from distillens.cli import run_cli
 from distillens.data.collate import TrainingCollator, pad_sequences
 from distillens.models import LoraSpec, ModelSpec, is_lora
 from distillens.module import DistillationModule
-from distillens.objective import LayerPairs, LossConfig
+from distillens.objective import LayerPairs, LossConfig, Objective
 from distillens.onpolicy import (
     HAS_REFERENCE,
     REFERENCE,
@@ -48,9 +57,6 @@ from distillens.onpolicy import (
 from distillens.sampling import draw_seed
 
 VOCAB, PAD, EOS = 101, 0, 3
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
-DISTILLENS = Path(sys.executable).with_name("distillens")
 PROMPTS = [[11, 12, 13], [21, 22, 23, 24, 25], [31, 32]]
 RESPONSES = [[41, 42, 43, EOS], [EOS], [61, 62, EOS]]
 
@@ -254,6 +260,31 @@ def test_fraction_zero_is_todays_loss_and_gradient_bit_for_bit(monkeypatch, batc
     assert recorded == [] and zero._window_tokens == 3 * (4 + 1 + 3)
 
 
+def test_each_micro_batch_of_a_step_is_a_draw_of_its_own(monkeypatch, batch):
+    """Accumulating gradients, every micro-batch of one optimizer step draws anew: its source (and so its answers'
+    sampling seed) and its sampled lens pairs. Unit tests elsewhere set the micro-batch counter by hand and fits
+    run one micro-batch a step, so this is where a counter that never moves shows."""
+    loss = LossConfig(kd_weight=1.0, lens_weight=1.0, chunk_size=4, lens_pairs_per_step=1, fused=False)
+    module = build(monkeypatch, loss=loss, student_fraction=0.5)
+    choice_seeds, lens_seeds = [], []
+
+    def choose(config, seed):
+        choice_seeds.append(seed)
+        return REFERENCE  # no generation: the seeds are what is checked
+
+    real_objective = Objective.__call__
+
+    def objective_spy(self, batch, *, training, draw_seed=0):
+        lens_seeds.append(draw_seed)
+        return real_objective(self, batch, training=training, draw_seed=draw_seed)
+
+    monkeypatch.setattr("distillens.module.choose_source", choose)
+    monkeypatch.setattr(Objective, "__call__", objective_spy)
+    for _ in range(3):  # three micro-batches of global step 0
+        module.training_step(batch, 0)
+    assert len(set(choice_seeds)) == 3 and len(set(lens_seeds)) == 3, (choice_seeds, lens_seeds)
+
+
 def test_student_fraction_one_supervises_exactly_the_generated_tokens(monkeypatch, batch, recorded):
     module = build(monkeypatch, student_fraction=1.0, max_new_tokens=5)
     loss, gradient = step(module, batch)
@@ -352,7 +383,7 @@ def test_resume_after_kill_9_replaces_and_generates_what_the_uninterrupted_run_d
     with log.open("w") as output:
         process = subprocess.Popen(
             [DISTILLENS, "fit", "--config", str(config)], cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, env=subprocess_env(),
         )  # fmt: skip
     try:
         while not (checkpoints / "step3.ckpt").exists():
@@ -380,6 +411,69 @@ def test_resume_after_kill_9_replaces_and_generates_what_the_uninterrupted_run_d
             assert value == pytest.approx(reference[name][at], rel=1e-6, abs=0), f"{name} at step {at}"
 
 
+DRAW_WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+from distillens.onpolicy import STUDENT, TEACHER, check_same_draw
+
+store, rank = sys.argv[1], int(sys.argv[2])
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+check_same_draw(STUDENT, 42, 3, 1, torch.device("cpu"))  # the same draw on both ranks: nothing to say
+try:
+    check_same_draw(STUDENT if rank == 0 else TEACHER, 42 + 7 * rank, 3, 1, torch.device("cpu"))
+except ValueError as error:
+    print(error)
+    sys.exit(0)
+sys.exit(3)
+"""
+
+
+def test_ranks_that_draw_differently_stop_at_once_with_one_error(tmp_path):
+    """Two real gloo processes: the same draw passes; different ones raise the same error on both ranks within
+    seconds, where a rank generating alone would wait forever for the other (the test's former 300 s hang)."""
+    started = time.monotonic()
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", DRAW_WORKER, str(tmp_path / "store"), str(rank)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=subprocess_env(),
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    for output in outputs:
+        line = output.strip().splitlines()[-1]
+        assert line.startswith("model.on_policy: the ranks drew differently for one micro-batch"), output
+        assert "rank 0: student (run seed 42, step 3, micro-batch 1)" in line
+        assert "rank 1: teacher (run seed 49, step 3, micro-batch 1)" in line and "seed_everything" in line
+    assert time.monotonic() - started < 120
+
+
+def test_a_step_checks_its_draw_against_the_other_ranks(monkeypatch, batch):
+    """With several ranks, the training step compares its draw with theirs before generating (check_same_draw):
+    here the other rank drew the teacher where this one drew the student."""
+    module = build(monkeypatch, student_fraction=1.0)
+    monkeypatch.setattr(onpolicy, "several_ranks", lambda: True)
+    monkeypatch.setattr(onpolicy.dist, "get_world_size", lambda: 2)
+
+    def all_gather(outputs, mine):
+        outputs[0].copy_(mine)
+        outputs[1].copy_(mine)
+        outputs[1][0] = onpolicy.SOURCES.index(TEACHER)
+
+    monkeypatch.setattr(onpolicy.dist, "all_gather", all_gather)
+    with pytest.raises(ValueError, match=r"rank 0: student .*; rank 1: teacher"):
+        module.training_step(batch, 0)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_both_gloo_ranks_draw_the_same_sources_and_generate_together(tmp_path, strategy):
     """A real two-process fit, DDP accumulating two micro-batches a step or FSDP2 (whose every forward, generation
@@ -399,7 +493,7 @@ def test_both_gloo_ranks_draw_the_same_sources_and_generate_together(tmp_path, s
     with log.open("w") as output:
         finished = subprocess.run(
             [DISTILLENS, "fit", "--config", str(config), *overlay, "--trainer.devices", "2"], cwd=REPO,
-            stdout=output, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONPATH": str(TESTS)}, timeout=300,
+            stdout=output, stderr=subprocess.STDOUT, env=subprocess_env(), timeout=300,
             start_new_session=True,
         )  # fmt: skip
     assert finished.returncode == 0, log.read_text()[-3000:]

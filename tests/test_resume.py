@@ -15,29 +15,32 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 import yaml
-from helpers import checkpoint_every_step, tiny_fit_config, write_config
+from helpers import DISTILLENS, checkpoint_every_step, subprocess_env, tiny_fit_config, write_config
 from reference import (
     Objective,
     checkpoint_student,
     probe_models,
     probe_steps,
     relative_difference,
+    tiny_llama,
     train_reference,
     warmup_cosine_lr,
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distillens.cli import main, run_cli
+from distillens.models import ModelSpec
+from distillens.resume import check_resumable
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "instructions"
-DISTILLENS = Path(sys.executable).with_name("distillens")
 MAX_STEPS = 8  # the tiny data makes 5 batches per epoch: the run crosses an epoch boundary
 CURVES = ("train/loss", "lr-AdamW/decay")  # LearningRateMonitor names each parameter group by its "name"
 KILL_AFTER_STEP = 3
@@ -161,6 +164,7 @@ def test_resume_after_kill_9_continues_the_curves(uninterrupted, tmp_path, cache
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, killed as a whole
+            env=subprocess_env(),
         )
     try:
         wait_for(checkpoints / f"step{KILL_AFTER_STEP}.ckpt", process, log, timeout_s=240)
@@ -242,6 +246,32 @@ def test_a_resume_into_another_student_is_one_line_naming_the_field(
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "model.student.config.hidden_size: 32 there, 64 here" in line
     assert line.startswith("distillens: error: ") and ".ckpt: was trained with other models" in line
+
+
+def model_settings(teacher: dict) -> dict:
+    """A run's module hyper-parameters as a checkpoint records them (dataclasses as dicts), with ``teacher``."""
+    student, teacher = ModelSpec(**tiny_llama(2, 32)), ModelSpec(**teacher)
+    return {"student": asdict(student), "teacher": asdict(teacher), "loss": {"kd_weight": 1.0}}
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"config": tiny_llama(4, 64)["config"]}, "model.teacher.config.hidden_size: 48 there, 64 here"),
+        ({"config": None, "source": "models/other-teacher"}, "model.teacher.source: None there"),
+        ({"adapter": "adapters/dolly"}, "model.teacher.adapter: None there, 'adapters/dolly' here"),
+    ],
+)
+def test_a_resume_with_another_teacher_is_refused_naming_the_field(change, named):
+    """The checkpoint's student was distilled from its teacher: another one (architecture, source, adapter) is
+    another run, refused like another student; a loss weight alone may change."""
+    saved = model_settings(tiny_llama(4, 48))
+    given = model_settings({**tiny_llama(4, 48), **change})
+    with pytest.raises(ValueError, match="was trained with other models") as refused:
+        check_resumable(Path("run/last.ckpt"), saved, given)
+    assert named in str(refused.value)
+    loss_only = {**saved, "loss": {"kd_weight": 0.5}}
+    assert check_resumable(Path("run/last.ckpt"), saved, loss_only) == {"model.loss.kd_weight": (1.0, 0.5)}
 
 
 def test_ckpt_path_last_without_a_checkpoint_says_where_it_looked_and_starts_fresh(
