@@ -61,7 +61,9 @@ def paired_bootstrap(
     seeds = arrays[0].shape[0]
     if any(a.ndim != 2 or a.shape[0] != seeds or a.shape[1] == 0 for a in arrays):
         shapes = [a.shape for a in arrays]
-        raise ValueError(f"each set needs a (training seeds, prompts) array with the same seeds; got {shapes}")
+        raise ValueError(
+            f"each set needs a (training seeds, prompts) array with the same seeds; got {shapes}"
+        )
     rng = np.random.default_rng(seed)
     seed_draws = rng.integers(0, seeds, size=(resamples, seeds))  # (R, S)
     means = np.zeros(resamples)  # (R,)

@@ -137,7 +137,12 @@ def config_files() -> list[Path]:
 
 def config_arguments(path: Path) -> tuple[str, ...]:
     """The `--config` arguments that use a file as intended: overlays go on top of the tiny base config."""
-    overlays = (OVERLAY_DIR, PRESET_DIR, ON_POLICY_DIR, DATA_DIR)  # PRESET_DIR: the method and recipe overlays
+    overlays = (
+        OVERLAY_DIR,
+        PRESET_DIR,
+        ON_POLICY_DIR,
+        DATA_DIR,
+    )  # PRESET_DIR: the method and recipe overlays
     if any(folder in path.parents for folder in overlays):
         return ("--config", str(OVERLAY_BASE), "--config", str(path))
     return ("--config", str(path))

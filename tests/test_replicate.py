@@ -278,4 +278,9 @@ def test_methods_option_runs_a_subset_and_refuses_unknown_names():
 def test_comparisons_are_the_proposed_method_against_each_other_then_the_extra_pairs():
     preset = replicate.Preset.load("tiny")
     preset.also_compare = [["rkl", "sft"], ["distillens", "kd"]]  # the second is already among the first
-    assert preset.comparisons() == [("distillens", "sft"), ("distillens", "kd"), ("distillens", "rkl"), ("rkl", "sft")]
+    assert preset.comparisons() == [
+        ("distillens", "sft"),
+        ("distillens", "kd"),
+        ("distillens", "rkl"),
+        ("rkl", "sft"),
+    ]
