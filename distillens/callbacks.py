@@ -29,7 +29,7 @@ from distillens.evaluation import (
 )
 from distillens.lens import LogitLens
 from distillens.objective import token_means
-from distillens.resume import checkpoint_folders
+from distillens.resume import adopt_last_checkpoints, checkpoint_folders, save_as_last
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,12 @@ class CheckpointOnInterrupt(_AtOptimizerSteps):
     second Ctrl-C stops at once, without one. With several processes, the ranks agree at each step's end whether
     any of them was interrupted, so that they save and stop together. An exception in the loop cannot be saved
     from: one line names the newest checkpoint instead.
+
+    Stopping is all an interrupted fit does: Lightning would validate a run asked to stop (as after early
+    stopping), ``ModelCheckpoint`` could save again at the epoch's end, and ``ExportStudent`` would export the
+    half-trained student; none of them does after Ctrl-C. When fit starts, a ``last.ckpt`` already in a
+    ``ModelCheckpoint``'s folder (that of the run being resumed, also when the folder was copied or moved) is
+    made that callback's own, so its next save replaces it instead of going to ``last-v1.ckpt``.
     """
 
     def __init__(self) -> None:
@@ -65,6 +71,7 @@ class CheckpointOnInterrupt(_AtOptimizerSteps):
         self._previous_handler = None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        adopt_last_checkpoints(trainer)  # after Lightning restored the callbacks' state from the checkpoint
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
 
@@ -84,8 +91,9 @@ class CheckpointOnInterrupt(_AtOptimizerSteps):
         path = _last_checkpoint_path(trainer)
         if not requested or path is None:
             return
-        trainer.save_checkpoint(path)
+        save_as_last(trainer, path)
         trainer.should_stop = self.interrupted = True
+        trainer.limit_val_batches = 0  # Lightning validates a run that stops early: not this one
         log.info("interrupted at step %d: saved %s; to go on, run the same command with --ckpt_path last",
                  trainer.global_step, path)  # fmt: skip
 
@@ -95,10 +103,11 @@ class CheckpointOnInterrupt(_AtOptimizerSteps):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_handler()
         path = _last_checkpoint_path(trainer)
-        if trainer.state.fn != "fit" or path is None or not trainer.is_global_zero:
-            return
-        saved = f"the newest checkpoint is {path}" if path.is_file() else "no checkpoint was saved yet"
-        log.info("%s at step %d: %s", type(exception).__name__, trainer.global_step, saved)
+        if trainer.state.fn != "fit" or path is None or not path.is_file() or not trainer.is_global_zero:
+            return  # nothing saved yet (an error, or Ctrl-C, while starting): the error line says it all
+        log.info(
+            "%s at step %d: the newest checkpoint is %s", type(exception).__name__, trainer.global_step, path
+        )
 
     def _restore_handler(self) -> None:
         if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
@@ -406,6 +415,8 @@ class ExportStudent(L.Callback):
             raise problem
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        if any(getattr(callback, "interrupted", False) for callback in trainer.callbacks):
+            return  # Ctrl-C: the student is half-trained, and the run goes on from its last.ckpt
         from distillens.distributed import consolidated_model
         from distillens.export import export_trained_student
 

@@ -15,6 +15,7 @@ relaunched with the same command resumes; when there is none, ``fit`` says where
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,38 @@ def last_checkpoint(trainer) -> Path | None:
     """The newest ``last*.ckpt`` of the trainer's checkpoint callbacks: what Lightning's ``last`` means."""
     found = [Path(p) for cb in _model_checkpoints(trainer) for p in cb._find_last_checkpoints(trainer)]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def adopt_last_checkpoints(trainer) -> None:
+    """Make the ``last.ckpt`` already in each ModelCheckpoint's folder the one that callback replaces next.
+
+    Lightning takes a ``last.ckpt`` it did not write itself (one saved on Ctrl-C before the callback's first save,
+    or any after the run folder was copied or moved, when the callback's restored state is dropped) for another
+    run's, and saves ``last-v1.ckpt`` beside it from then on: ``last.ckpt``, the file the README exports, would
+    stay at the step the run resumed from. A fresh fit refuses a folder with checkpoints (runs.py), so a
+    ``last.ckpt`` there is this run's.
+    """
+    for callback in _model_checkpoints(trainer):
+        last = _last_file(callback)
+        if callback.save_last and last is not None and os.path.lexists(last):
+            callback.last_model_path = last
+
+
+def save_as_last(trainer, path: Path) -> None:
+    """Save the trainer's state to ``path`` as its ModelCheckpoint's ``last`` file, outside the callbacks' own
+    schedule; none of them saves again at this step (at a validation or the epoch's end) over it."""
+    for callback in _model_checkpoints(trainer):
+        if callback.save_last and _last_file(callback) == str(path):
+            callback.last_model_path = str(path)  # part of the state the checkpoint records
+        callback._last_global_step_saved = trainer.global_step  # what the callback's own saves set
+    trainer.save_checkpoint(path)
+
+
+def _last_file(callback) -> str | None:
+    """Where a ModelCheckpoint (set up) writes its ``last`` file, as Lightning spells it; None before setup."""
+    if callback.dirpath is None:
+        return None
+    return callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST)
 
 
 def _model_checkpoints(trainer) -> list:
