@@ -5,7 +5,8 @@ and, in ``fit``, the optimizer, schedule and loop state; it never brings back se
 training or evaluation (loss weights, divergences, layer pairs, the schedule, generation) may change on resume, and
 the run says in one line which ones did. Settings that decide which weights the checkpoint holds (the student's
 architecture and source, the teacher, the MSE projections) may not: the checkpoint could not be loaded into the
-models the config builds, so that is one error line naming the differing fields.
+models the config builds, so that is one error line naming the differing fields. How the models run may change
+(activation checkpointing, the LoRA dropout).
 
 ``last`` keeps Lightning's meaning (the newest ``last*.ckpt`` in the run's checkpoint folder), so a preempted job
 relaunched with the same command resumes; when there is none, ``fit`` says where it looked and starts fresh, while
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 FIXED = ("student", "teacher")
 """Hyper-parameter groups that decide the weights a checkpoint holds: they cannot change on resume."""
+EXECUTION = ("gradient_checkpointing", "lora.dropout")
+"""Fields of those groups that only say how the models run, not what they compute from their weights: a run out
+of memory may resume with activation checkpointing on."""
 
 
 def flatten(settings: Mapping[str, Any], prefix: str = "model") -> dict[str, Any]:
@@ -52,7 +56,9 @@ def changed_settings(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict
 
 def fixed_changes(changes: Mapping[str, tuple[Any, Any]], saved: Mapping, given: Mapping) -> list[str]:
     """The changed options that the checkpoint's weights depend on."""
-    fixed = [name for name in changes if name.split(".")[1] in FIXED]
+    fixed = [
+        name for name in changes if name.split(".")[1] in FIXED and name.split(".", 2)[2] not in EXECUTION
+    ]
     uses_projections = any((settings.get("loss") or {}).get("mse_weight") for settings in (saved, given))
     if uses_projections:  # one teacher -> student projection per layer pair is part of the weights
         fixed += [

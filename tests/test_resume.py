@@ -218,6 +218,46 @@ def test_a_resume_follows_the_changed_schedule_from_the_restored_step(uninterrup
     assert logged == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_resume_may_turn_on_gradient_checkpointing(uninterrupted, tmp_path, cache_dir, caplog):
+    """Checkpointing activations is how to resume a run that ran out of memory: the weights are the same, and
+    so is every value computed from them."""
+    _, reference, _ = uninterrupted
+    with caplog.at_level("INFO", logger="distillens.resume"):
+        cli = resumed_from(
+            7, uninterrupted, tmp_path, cache_dir, "--model.student.gradient_checkpointing", "true"
+        )
+    assert cli.model.student.is_activation_checkpointing and cli.trainer.global_step == MAX_STEPS
+    assert "model.student.gradient_checkpointing False -> True" in caplog.text
+    assert_continues(curves(sorted(event_files(tmp_path / "tiny"))), reference, start=7)
+
+
+def test_only_settings_that_decide_the_weights_block_a_resume():
+    """The execution settings of either model (activation checkpointing, the LoRA dropout) may change; its source,
+    architecture and LoRA shape may not."""
+    from distillens.resume import check_resumable
+
+    saved = {
+        "student": {
+            "config": {"hidden_size": 32},
+            "gradient_checkpointing": False,
+            "lora": {"r": 8, "dropout": 0.1},
+        },
+        "teacher": {"source": "teacher", "gradient_checkpointing": False},
+    }
+    execution = {
+        "student": dict(saved["student"], gradient_checkpointing=True, lora={"r": 8, "dropout": 0.0}),
+        "teacher": dict(saved["teacher"], gradient_checkpointing=True),
+    }
+    assert set(check_resumable(Path("run.ckpt"), saved, execution)) == {
+        "model.student.gradient_checkpointing", "model.student.lora.dropout", "model.teacher.gradient_checkpointing",
+    }  # fmt: skip
+    for field, value in (("lora", {"r": 4, "dropout": 0.1}), ("config", {"hidden_size": 64})):
+        with pytest.raises(ValueError, match=f"model.student.{field}"):
+            check_resumable(
+                Path("run.ckpt"), saved, dict(saved, student=dict(saved["student"], **{field: value}))
+            )
+
+
 @pytest.mark.parametrize("form", ["file", "last"])
 def test_a_resume_into_another_student_is_one_line_naming_the_field(
     form, uninterrupted, tmp_path, cache_dir, capsys
