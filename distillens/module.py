@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -55,6 +57,9 @@ from distillens.onpolicy import (
 )
 from distillens.optimization import OptimizerConfig, adamw_with_schedule, apply_settings
 from distillens.sampling import draw_seed
+
+DROPOUT_STREAM = 3
+"""The seed stream of the training forward pass's dropout (the lens draw uses none, on-policy draws 1 and 2)."""
 
 
 class DistillationModule(L.LightningModule):
@@ -200,13 +205,29 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         batch = self._maybe_roll_out(batch)
-        terms = self(batch)
+        with self._seeded_dropout():
+            terms = self(batch)
         self._window_tokens += int(terms.tokens)
         self._window_batches += 1
         batch_size = batch["input_ids"].shape[0]
         for name, value in terms.means().items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         return terms.total()
+
+    @contextmanager
+    def _seeded_dropout(self) -> Iterator[None]:
+        """The forward pass's dropout masks (LoRA's, GPT-2's) drawn from a seed of the run's seed, the step, the
+        micro-batch and the rank, and the global random state left as it was.
+
+        Drawn from the global state's running position instead, a resumed run's masks would differ from the
+        uninterrupted run's: that position also moves with what happened before (the data loader starting an
+        epoch, a validation, building the models) and is not in the checkpoint. Activation checkpointing recomputes
+        the forward pass under the state it saved, so the masks match in the backward pass too.
+        """
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device.index or 0] if cuda else [], device_type="cuda"):
+            torch.manual_seed(self._draw_seed(DROPOUT_STREAM, self.global_rank))
+            yield
 
     def _maybe_roll_out(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """This micro-batch as drawn: as it is, or rebuilt on the student's or the teacher's answers (onpolicy.py).

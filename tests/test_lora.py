@@ -297,6 +297,20 @@ def test_resumed_lora_run_continues_the_uninterrupted_one(runs):
         torch.testing.assert_close(resumed.weights[3][name], value, msg=name)
 
 
+def test_resumed_lora_run_with_dropout_continues_the_uninterrupted_one(runs):
+    """With the default dropout (0.1) the masks of step 3 must be those the uninterrupted run drew, whatever drew
+    random numbers in between (the data loader starting an epoch, the restart itself)."""
+    lora = dict(LORA, dropout=0.1)
+    _, whole, _ = fit(runs["dir"], max_steps=3, lora=lora)
+    first_trainer, _, _ = fit(runs["dir"], max_steps=2, lora=lora)
+    first_trainer.save_checkpoint(runs["dir"] / "dropout.ckpt")
+    _, resumed, _ = fit(runs["dir"], max_steps=3, lora=lora, ckpt_path=runs["dir"] / "dropout.ckpt")
+    assert whole.totals[3] != pytest.approx(runs["whole"].totals[3], rel=1e-6), "dropout changed nothing"
+    assert resumed.totals[3] == pytest.approx(whole.totals[3], rel=1e-6)
+    for name, value in whole.weights[3].items():
+        torch.testing.assert_close(resumed.weights[3][name], value, msg=name)
+
+
 def test_end_of_fit_export_is_the_merged_student(runs):
     exported = AutoModelForCausalLM.from_pretrained(runs["dir"] / "export_fit")
     assert not (runs["dir"] / "export_fit" / "adapter_config.json").exists()
