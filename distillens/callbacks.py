@@ -69,8 +69,12 @@ class CheckpointOnInterrupt(_AtOptimizerSteps):
         self.requested = False
         self.interrupted = False  # a checkpoint was saved on Ctrl-C and fit stopped: the CLI exits with 130
         self._previous_handler = None
+        self._training = (
+            False  # the steps have started: a failure from then on has a checkpoint to go on from
+        )
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._training = True
         adopt_last_checkpoints(trainer)  # after Lightning restored the callbacks' state from the checkpoint
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
@@ -98,13 +102,14 @@ class CheckpointOnInterrupt(_AtOptimizerSteps):
                  trainer.global_step, path)  # fmt: skip
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._training = False
         self._restore_handler()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_handler()
         path = _last_checkpoint_path(trainer)
-        if trainer.state.fn != "fit" or path is None or not path.is_file() or not trainer.is_global_zero:
-            return  # nothing saved yet (an error, or Ctrl-C, while starting): the error line says it all
+        if not self._training or path is None or not path.is_file() or not trainer.is_global_zero:
+            return  # an error (or Ctrl-C) while starting, or nothing saved yet: the error line says it all
         log.info(
             "%s at step %d: the newest checkpoint is %s", type(exception).__name__, trainer.global_step, path
         )

@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from distillens.checkpoints import load_checkpoint
+from distillens.checkpoints import check_lora_base, load_checkpoint, weights_fingerprint
 from distillens.data.templates import chat_template_for
 from distillens.models import (
     LoraSpec,
@@ -23,8 +23,10 @@ from distillens.models import (
     add_lora,
     check_export_folder,
     export_student,
+    frozen_parameters,
     load_model,
     load_tokenizer,
+    lora_base_description,
     merged_copy,
 )
 
@@ -69,7 +71,7 @@ def student_and_checkpoint(
         student = _student_from_config(checkpoint["student_config"], hparams["student"]["lora"])
         student.load_state_dict(state, strict=True)
     else:
-        student = _lora_student(hparams, state, path)
+        student = _lora_student(checkpoint, state, path)
     return (student if keep_adapter else merged_copy(student)).eval(), checkpoint
 
 
@@ -79,8 +81,10 @@ def _student_from_config(config: dict, lora: dict) -> PeftModel:
     return add_lora(model, LoraSpec(**lora))
 
 
-def _lora_student(hparams: dict, adapters: dict[str, torch.Tensor], path: Path) -> PeftModel:
-    """The student rebuilt from its source (and teacher, for a layer subset) with the checkpoint's adapters."""
+def _lora_student(checkpoint: dict, adapters: dict[str, torch.Tensor], path: Path) -> PeftModel:
+    """The student rebuilt from its source (and teacher, for a layer subset) with the checkpoint's adapters, once
+    the rebuilt base is known to be the one they were trained on."""
+    hparams = checkpoint.get("hyper_parameters", {})
     spec = ModelSpec(**hparams["student"])
     teacher_spec = hparams.get("teacher")
     teacher = (
@@ -89,7 +93,15 @@ def _lora_student(hparams: dict, adapters: dict[str, torch.Tensor], path: Path) 
         else None
     )
     student = load_model(spec, teacher=teacher)
-    missing, unexpected = student.load_state_dict(adapters, strict=False)
+    base = lora_base_description(spec, ModelSpec(**teacher_spec) if teacher_spec else None)
+    check_lora_base(path, checkpoint, weights_fingerprint(frozen_parameters(student)), base)
+    try:
+        missing, unexpected = student.load_state_dict(adapters, strict=False)
+    except RuntimeError as error:  # a checkpoint without a fingerprint, on a base of another shape
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"{path}: its adapters do not fit the student rebuilt from {base} ({reason})"
+        ) from None
     frozen = {name for name, p in student.named_parameters(remove_duplicate=False) if not p.requires_grad}
     wrong = sorted(unexpected) + sorted(set(missing) - frozen)
     if wrong:

@@ -254,6 +254,20 @@ def rebuildable(spec: ModelSpec, teacher: ModelSpec | None = None) -> bool:
     return spec.source is not None
 
 
+def frozen_parameters(model: PeftModel) -> list[tuple[str, torch.Tensor]]:
+    """A LoRA-wrapped model's frozen (base) parameters, by name."""
+    return [(name, param) for name, param in model.named_parameters() if not param.requires_grad]
+
+
+def lora_base_description(spec: ModelSpec, teacher: ModelSpec | None = None) -> str:
+    """Where a LoRA student's base weights come from, in the settings' words (for error lines)."""
+    if spec.init_from_teacher_layers is not None:
+        source = teacher.source if teacher is not None else None
+        return f"model.teacher.source {source!r} (blocks {spec.init_from_teacher_layers})"
+    adapter = f" with model.student.adapter {spec.adapter!r}" if spec.adapter else ""
+    return f"model.student.source {spec.source!r}{adapter}"
+
+
 def is_lora(model: Any) -> bool:
     """Whether a model is wrapped in PEFT adapters (its base weights then stay frozen)."""
     return isinstance(model, PeftModel)

@@ -33,15 +33,18 @@ from torchmetrics import SumMetric
 from transformers import PreTrainedModel
 
 from distillens.callbacks import CheckpointOnInterrupt, GenerationEvaluation
+from distillens.checkpoints import LORA_BASE, check_lora_base, weights_fingerprint
 from distillens.distributed import is_sharded, shard_models, sharding_options
 from distillens.evaluation import GenerationSettings, generation_config, several_ranks
 from distillens.models import (
     ModelSpec,
     check_hub_sources,
     check_same_vocabulary,
+    frozen_parameters,
     is_lora,
     load_model,
     load_tokenizer,
+    lora_base_description,
     rebuildable,
 )
 from distillens.objective import LayerPairs, LossConfig, Objective, Terms, token_means
@@ -351,10 +354,15 @@ class DistillationModule(L.LightningModule):
         if self._adapters_only_checkpoints():
             frozen = self._frozen_student_keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+            checkpoint[LORA_BASE] = self._lora_base_fingerprint()  # what identifies the weights left out
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Complete an adapters-only checkpoint with the frozen base weights the student was just built with."""
+        """Complete an adapters-only checkpoint with the frozen base weights the student was just built with, once
+        they are known to be those the adapters were trained on."""
         if self._adapters_only_checkpoints():
+            path = self._trainer.ckpt_path if self._trainer is not None else None
+            base = lora_base_description(self.student_spec, self.teacher_spec)
+            check_lora_base(path, checkpoint, self._lora_base_fingerprint(), base)
             state, saved = self.state_dict(), checkpoint["state_dict"]
             saved.update({key: state[key] for key in self._frozen_student_keys() - saved.keys()})
 
@@ -365,6 +373,12 @@ class DistillationModule(L.LightningModule):
             and not is_sharded(self.student)
             and rebuildable(self.student_spec, self.teacher_spec)
         )
+
+    def _lora_base_fingerprint(self) -> str:
+        """The fingerprint of the student's frozen base weights (computed once: they never change)."""
+        if getattr(self, "_base_fingerprint", None) is None:
+            self._base_fingerprint = weights_fingerprint(frozen_parameters(self.student))
+        return self._base_fingerprint
 
     def _frozen_student_keys(self) -> set[str]:
         """State-dict keys of the student's frozen parameters (tied ones under each of their names)."""

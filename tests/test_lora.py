@@ -106,7 +106,9 @@ def batch() -> dict[str, Tensor]:
     return {key: torch.stack([row[key] for row in rows()]) for key in rows()[0]}
 
 
-def make_module(workdir: Path, *, lora: dict | None = LORA, student: str = "student") -> DistillationModule:
+def make_module(
+    workdir: Path, *, lora: dict | None = LORA, student: str | Path = "student"
+) -> DistillationModule:
     """Every term on (CE, final-layer KD, lens); constant learning rate, so runs of any length agree."""
     return DistillationModule(
         student=ModelSpec(source=str(workdir / student), lora=lora),
@@ -140,6 +142,7 @@ def fit(
     ckpt_path: Path | None = None,
     export: Path | None = None,
     lora: dict | None = LORA,
+    student: str | Path = "student",
     **trainer_options,
 ) -> tuple[L.Trainer, Recorder, DistillationModule]:
     """Train on the four rows, one batch per step (all rows in one process, half of them per rank of two)."""
@@ -150,7 +153,7 @@ def fit(
         devices=devices, max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks, **{"accelerator": "cpu", **trainer_options},
     )  # fmt: skip
-    module = make_module(workdir, lora=lora)
+    module = make_module(workdir, lora=lora, student=student)
     trainer.fit(module, DataLoader(rows(), batch_size=ROWS // devices), ckpt_path=ckpt_path)
     return trainer, recorder, module
 
@@ -309,6 +312,27 @@ def test_resumed_lora_run_with_dropout_continues_the_uninterrupted_one(runs):
     assert resumed.totals[3] == pytest.approx(whole.totals[3], rel=1e-6)
     for name, value in whole.weights[3].items():
         torch.testing.assert_close(resumed.weights[3][name], value, msg=name)
+
+
+@pytest.mark.parametrize("change", ["same shape", "another shape"])
+def test_a_changed_lora_base_is_refused_in_one_line(change, model_dir, tmp_path):
+    """A LoRA checkpoint holds the adapters only, and its base comes from the student's source again: when the
+    weights there are no longer those the adapters were trained on, resume and export stop, naming the source."""
+    base = tmp_path / "base"
+    random_model(STUDENT).save_pretrained(base)
+    scratch_tokenizer().save_pretrained(base)
+    trainer, _, _ = fit(model_dir, max_steps=1, student=base)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    fields = STUDENT if change == "same shape" else dict(STUDENT, hidden_size=48)
+    random_model(fields).save_pretrained(base)  # other weights in the same folder
+    line = (
+        f"run.ckpt: its LoRA adapters were trained on other base weights than model.student.source '{base}' "
+    )
+    with pytest.raises(ValueError, match=line) as refused:
+        fit(model_dir, max_steps=2, student=base, ckpt_path=tmp_path / "run.ckpt")
+    assert len(str(refused.value).splitlines()) == 1
+    with pytest.raises(ValueError, match=line):
+        export_checkpoint(tmp_path / "run.ckpt", tmp_path / "out")
 
 
 def test_end_of_fit_export_is_the_merged_student(runs):
