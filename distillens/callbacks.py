@@ -407,8 +407,11 @@ class ExportStudent(L.Callback):
         return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "student")
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        from distillens.export import adapter_base
         from distillens.models import check_export_folder
 
+        if self.adapter_only:  # an adapter that cannot be used without the student fails now too
+            adapter_base(pl_module.student_spec)
         folder, problem = self.folder(trainer), None
         if trainer.is_global_zero:  # a folder that cannot be written fails now, not after training
             try:
@@ -431,7 +434,7 @@ class ExportStudent(L.Callback):
         if trainer.is_global_zero:
             export_trained_student(
                 student, pl_module.tokenizer, folder, template=template,
-                adapter_only=self.adapter_only, overwrite=self.overwrite,
+                adapter_only=self.adapter_only, overwrite=self.overwrite, student_spec=pl_module.student_spec,
             )  # fmt: skip
             print(f"student exported to {folder}")
 

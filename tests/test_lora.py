@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -23,8 +24,7 @@ from unittest import mock
 import lightning as L
 import pytest
 import torch
-from peft import PeftModel
-from safetensors.torch import load_file
+from peft import AutoPeftModelForCausalLM, PeftModel
 from tokenizers import Tokenizer, models
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -366,6 +366,58 @@ def test_adapter_only_export_of_a_full_student_is_refused(runs, tmp_path):
         export_checkpoint(runs["dir"] / "full.ckpt", tmp_path / "out", adapter_only=True)
 
 
+def with_student(checkpoint: Path, student: dict, out: Path) -> Path:
+    """A copy of ``checkpoint`` whose hyper-parameters record the ``student`` settings."""
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["hyper_parameters"]["student"] = student
+    torch.save(saved, out)
+    return out
+
+
+UNNAMED_BASES = {
+    "layer subset": {"init_from_teacher_layers": [0, 1]},
+    "random config": {"config": STUDENT},
+    "merged adapter": {"source": "SOURCE", "adapter": "ADAPTER"},
+    "gguf": {"source": "model.Q4_1.gguf"},
+}
+
+
+@pytest.mark.parametrize("base", UNNAMED_BASES)
+def test_adapter_only_export_is_refused_where_no_name_loads_the_base(base, runs, tmp_path):
+    """PEFT loads an adapter folder onto the model its adapter_config.json names: a layer-subset student's named
+    the whole teacher (logits off by 0.85), a random one's named none, and one whose source had an adapter merged
+    in named the source without it. Refused by export and, when fit starts, by ExportStudent."""
+    from types import SimpleNamespace
+
+    fields = {k: str(runs["dir"] / "student") if v == "SOURCE" else v for k, v in UNNAMED_BASES[base].items()}
+    fields = {k: str(runs["dir"] / "teacher_adapter") if v == "ADAPTER" else v for k, v in fields.items()}
+    student = {**fields, "lora": LORA}
+    checkpoint = with_student(runs["dir"] / "lora.ckpt", student, tmp_path / "run.ckpt")
+    refusal = "adapter_only: .*, which no model name loads, so the adapter alone cannot be used"
+    with pytest.raises(ValueError, match=refusal):
+        export_checkpoint(checkpoint, tmp_path / "out", adapter_only=True)
+    assert not (tmp_path / "out").exists()
+    module = SimpleNamespace(student_spec=ModelSpec(**student))
+    with pytest.raises(ValueError, match=refusal):
+        ExportStudent(str(tmp_path / "out"), adapter_only=True).on_fit_start(None, module)
+
+
+def test_adapter_only_export_names_the_base_by_an_absolute_path(runs, tmp_path, monkeypatch):
+    """A student whose source was a relative folder: the adapter names that folder wherever it is loaded from."""
+    monkeypatch.chdir(runs["dir"])
+    checkpoint = with_student(
+        runs["dir"] / "lora.ckpt", {"source": "student", "lora": LORA}, tmp_path / "run.ckpt"
+    )
+    export_checkpoint(checkpoint, tmp_path / "adapter", adapter_only=True)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(runs["dir"] / "student")
+    monkeypatch.chdir(tmp_path)
+    ids = sample_ids()
+    restored = DistillationModule.load_from_checkpoint(runs["dir"] / "lora.ckpt", map_location="cpu")
+    adapted = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(logits(adapted, ids), logits(restored.student, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_cli_fits_a_lora_student_exports_it_both_ways_and_tests_under_the_protocol(tmp_path, capsys):
     """The user's path: configs/tiny.yaml with model.student.lora, `distillens export` (merged, --adapter-only),
     `distillens test` under the evaluation protocol. The tiny student comes from a random config, so its checkpoint
@@ -389,19 +441,20 @@ def test_cli_fits_a_lora_student_exports_it_both_ways_and_tests_under_the_protoc
     ids = sample_ids()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(logits(merged, ids), logits(student, ids), rtol=1e-5, atol=1e-5)
-    main(["export", str(checkpoint), str(tmp_path / "adapter"), "--adapter-only"])
-    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    trained = {k: v for k, v in student.state_dict().items() if "lora_" in k}
-    assert len(saved) == len(trained) > 0
-    for key, value in saved.items():
-        torch.testing.assert_close(value, trained[key.replace(".weight", ".default.weight")], msg=key)
+    assert "student exported" in capsys.readouterr().out  # by fit's end and the merged export
+    with pytest.raises(SystemExit) as refused:  # a random student's adapter is of no use without its base
+        main(["export", str(checkpoint), str(tmp_path / "adapter"), "--adapter-only"])
+    assert refused.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        "distillens: error: adapter_only: its base is a randomly initialised model.student.config"
+    )
     with mock.patch.object(sys, "argv", ["distillens"]):
         run_cli(["test", *args, "--ckpt_path", str(checkpoint)])
     protocol = (run / "test-0" / "eval" / "results.md").read_text().splitlines()[-1]
     assert (
         "no_repeat_ngram_size 6" in protocol and "instructions: references of at least 11 tokens" in protocol
     )
-    assert "student exported" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------
