@@ -29,7 +29,7 @@ from distillens.evaluation import (
 )
 from distillens.lens import LogitLens
 from distillens.objective import token_means
-from distillens.resume import checkpoint_folders
+from distillens.resume import adopt_last_checkpoints, checkpoint_folders, save_as_last
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,25 @@ class CheckpointOnInterrupt(_AtOptimizerSteps):
     second Ctrl-C stops at once, without one. With several processes, the ranks agree at each step's end whether
     any of them was interrupted, so that they save and stop together. An exception in the loop cannot be saved
     from: one line names the newest checkpoint instead.
+
+    Stopping is all an interrupted fit does: Lightning would validate a run asked to stop (as after early
+    stopping), ``ModelCheckpoint`` could save again at the epoch's end, and ``ExportStudent`` would export the
+    half-trained student; none of them does after Ctrl-C. When fit starts, a ``last.ckpt`` already in a
+    ``ModelCheckpoint``'s folder (that of the run being resumed, also when the folder was copied or moved) is
+    made that callback's own, so its next save replaces it instead of going to ``last-v1.ckpt``.
     """
 
     def __init__(self) -> None:
         self.requested = False
         self.interrupted = False  # a checkpoint was saved on Ctrl-C and fit stopped: the CLI exits with 130
         self._previous_handler = None
+        self._training = (
+            False  # the steps have started: a failure from then on has a checkpoint to go on from
+        )
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._training = True
+        adopt_last_checkpoints(trainer)  # after Lightning restored the callbacks' state from the checkpoint
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
 
@@ -84,23 +95,24 @@ class CheckpointOnInterrupt(_AtOptimizerSteps):
         path = _last_checkpoint_path(trainer)
         if not requested or path is None:
             return
-        trainer.save_checkpoint(path)
+        save_as_last(trainer, path)
         trainer.should_stop = self.interrupted = True
+        trainer.limit_val_batches = 0  # Lightning validates a run that stops early: not this one
         log.info("interrupted at step %d: saved %s; to go on, run the same command with --ckpt_path last",
                  trainer.global_step, path)  # fmt: skip
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._training = False
         self._restore_handler()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_handler()
         path = _last_checkpoint_path(trainer)
-        if trainer.state.fn != "fit" or path is None or not trainer.is_global_zero:
-            return
-        if trainer.global_step == 0 and not path.is_file():
-            return  # a set-up error (bad settings, models that do not fit): nothing to say about checkpoints
-        saved = f"the newest checkpoint is {path}" if path.is_file() else "no checkpoint was saved yet"
-        log.info("%s at step %d: %s", type(exception).__name__, trainer.global_step, saved)
+        if not self._training or path is None or not path.is_file() or not trainer.is_global_zero:
+            return  # an error (or Ctrl-C) while starting, or nothing saved yet: the error line says it all
+        log.info(
+            "%s at step %d: the newest checkpoint is %s", type(exception).__name__, trainer.global_step, path
+        )
 
     def _restore_handler(self) -> None:
         if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
@@ -399,8 +411,11 @@ class ExportStudent(L.Callback):
         return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "student")
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        from distillens.export import adapter_base
         from distillens.models import check_export_folder
 
+        if self.adapter_only:  # an adapter that cannot be used without the student fails now too
+            adapter_base(pl_module.student_spec)
         folder, problem = self.folder(trainer), None
         if trainer.is_global_zero:  # a folder that cannot be written fails now, not after training
             try:
@@ -412,6 +427,8 @@ class ExportStudent(L.Callback):
             raise problem
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        if any(getattr(callback, "interrupted", False) for callback in trainer.callbacks):
+            return  # Ctrl-C: the student is half-trained, and the run goes on from its last.ckpt
         from distillens.distributed import consolidated_model
         from distillens.export import export_trained_student
 
@@ -421,7 +438,7 @@ class ExportStudent(L.Callback):
         if trainer.is_global_zero:
             export_trained_student(
                 student, pl_module.tokenizer, folder, template=template,
-                adapter_only=self.adapter_only, overwrite=self.overwrite,
+                adapter_only=self.adapter_only, overwrite=self.overwrite, student_spec=pl_module.student_spec,
             )  # fmt: skip
             print(f"student exported to {folder}")
 

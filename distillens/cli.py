@@ -18,6 +18,7 @@ from distillens.commands import COMMANDS, command_parser, run_command
 from distillens.console import (
     DEBUG_FLAG,
     check_config_files,
+    ctrl_c_as_one_line,
     debug_requested,
     route_logging,
     user_errors_as_one_line,
@@ -134,7 +135,7 @@ def main(args: list[str] | None = None) -> None:
         sys.argv = sys.argv[:1] + args  # LightningCLI reads sys.argv itself
     route_logging()
     keep_freed_memory()  # steps reuse freed host memory instead of faulting in fresh pages (allocator.py)
-    with user_errors_as_one_line(debug):
+    with ctrl_c_as_one_line(debug), user_errors_as_one_line(debug):
         check_config_files(args)
         if args[:1] and args[0] in COMMANDS:
             run_command(args[0], args[1:])

@@ -11,7 +11,9 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -212,3 +214,35 @@ def route_logging() -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+
+
+class Interrupted(BaseException):
+    """Ctrl-C, as the handler of `ctrl_c_as_one_line` raises it: not a KeyboardInterrupt, which Lightning answers
+    with a line of its own and status 1 (and which code catching Exception would not catch either)."""
+
+
+@contextmanager
+def ctrl_c_as_one_line(debug: bool, prog: str = "distillens") -> Iterator[None]:
+    """Ctrl-C outside fit's steps (loading models, tokenising, or a second Ctrl-C in fit) ends the program with one
+    line on stderr and status 130 (128 + SIGINT), without a traceback (``debug``: with it). During fit's steps,
+    the first Ctrl-C is `callbacks.CheckpointOnInterrupt`'s: it saves a checkpoint, then restores this handler.
+    A SIGINT the shell told the process to ignore (a background job) stays ignored."""
+
+    def interrupt(signum, frame) -> None:
+        raise Interrupted
+
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not (
+        signal.SIG_IGN
+    ):
+        previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt):
+        if debug:
+            raise
+        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from distillens.checkpoints import load_checkpoint
+from distillens.checkpoints import check_lora_base, load_checkpoint, weights_fingerprint
 from distillens.data.templates import chat_template_for
 from distillens.models import (
+    DEFAULT_TEACHER,
     LoraSpec,
     ModelSpec,
     add_lora,
     check_export_folder,
+    default_teacher_dir,
     export_student,
+    frozen_parameters,
     load_model,
     load_tokenizer,
+    lora_base_description,
     merged_copy,
 )
 
@@ -69,7 +75,7 @@ def student_and_checkpoint(
         student = _student_from_config(checkpoint["student_config"], hparams["student"]["lora"])
         student.load_state_dict(state, strict=True)
     else:
-        student = _lora_student(hparams, state, path)
+        student = _lora_student(checkpoint, state, path)
     return (student if keep_adapter else merged_copy(student)).eval(), checkpoint
 
 
@@ -79,8 +85,10 @@ def _student_from_config(config: dict, lora: dict) -> PeftModel:
     return add_lora(model, LoraSpec(**lora))
 
 
-def _lora_student(hparams: dict, adapters: dict[str, torch.Tensor], path: Path) -> PeftModel:
-    """The student rebuilt from its source (and teacher, for a layer subset) with the checkpoint's adapters."""
+def _lora_student(checkpoint: dict, adapters: dict[str, torch.Tensor], path: Path) -> PeftModel:
+    """The student rebuilt from its source (and teacher, for a layer subset) with the checkpoint's adapters, once
+    the rebuilt base is known to be the one they were trained on."""
+    hparams = checkpoint.get("hyper_parameters", {})
     spec = ModelSpec(**hparams["student"])
     teacher_spec = hparams.get("teacher")
     teacher = (
@@ -89,7 +97,15 @@ def _lora_student(hparams: dict, adapters: dict[str, torch.Tensor], path: Path) 
         else None
     )
     student = load_model(spec, teacher=teacher)
-    missing, unexpected = student.load_state_dict(adapters, strict=False)
+    base = lora_base_description(spec, ModelSpec(**teacher_spec) if teacher_spec else None)
+    check_lora_base(path, checkpoint, weights_fingerprint(frozen_parameters(student)), base)
+    try:
+        missing, unexpected = student.load_state_dict(adapters, strict=False)
+    except RuntimeError as error:  # a checkpoint without a fingerprint, on a base of another shape
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"{path}: its adapters do not fit the student rebuilt from {base} ({reason})"
+        ) from None
     frozen = {name for name, p in student.named_parameters(remove_duplicate=False) if not p.requires_grad}
     wrong = sorted(unexpected) + sorted(set(missing) - frozen)
     if wrong:
@@ -126,6 +142,12 @@ def export_checkpoint(
         overwrite: replace the earlier export in a non-empty out_dir (a folder holding anything else is refused)
     """
     check_export_folder(out_dir, overwrite)  # before the (slow) rebuild of the student
+    spec = None
+    if adapter_only:  # the settings alone say whether the adapter can be used without the student
+        hparams = load_checkpoint(checkpoint_path, mmap=True).get("hyper_parameters") or {}
+        spec = ModelSpec(**hparams["student"]) if hparams.get("student") else None
+        if spec is not None:
+            adapter_base(spec)
     student, checkpoint = student_and_checkpoint(checkpoint_path, keep_adapter=adapter_only)
     template = (checkpoint.get("datamodule_hyper_parameters") or {}).get("template")
     if template is None:
@@ -136,8 +158,50 @@ def export_checkpoint(
         )
     tokenizer = tokenizer_from_hparams(checkpoint.get("hyper_parameters", {}))
     return export_trained_student(
-        student, tokenizer, out_dir, template=template, adapter_only=adapter_only, overwrite=overwrite
+        student, tokenizer, out_dir, template=template, adapter_only=adapter_only, overwrite=overwrite,
+        student_spec=spec,
+    )  # fmt: skip
+
+
+def adapter_base(spec: ModelSpec) -> tuple[str, str | None]:
+    """The base an adapter-only export names (``base_model_name_or_path``, revision): the folder (absolute) or hub
+    id the student's base weights are loaded from. One line where the adapter alone cannot be used, as no name
+    gives its base: a layer subset of the teacher (PEFT would load the adapter onto the whole teacher), a random
+    config, a source with another adapter merged into it, a GGUF file."""
+    if spec.lora is None:
+        raise ValueError(
+            "adapter_only: this student has no LoRA adapter (it was trained without model.student.lora)"
+        )
+    reasons = (
+        (spec.init_from_teacher_layers is not None, "its base is a subset of the teacher's blocks"),
+        (spec.config is not None, "its base is a randomly initialised model.student.config"),
+        (spec.adapter is not None, f"its base has model.student.adapter {spec.adapter!r} merged into it"),
+        (spec.source is not None and Path(spec.source).suffix == ".gguf", "its base is a GGUF file"),
     )
+    for applies, reason in reasons:
+        if applies:
+            raise ValueError(
+                f"adapter_only: {reason}, which no model name loads, so the adapter alone cannot be used; export "
+                "the merged student (without adapter_only)"
+            )
+    if spec.source == DEFAULT_TEACHER:
+        return str(default_teacher_dir()), None
+    folder = Path(spec.source).expanduser()
+    return (str(folder.resolve()), None) if folder.is_dir() else (spec.source, spec.revision)
+
+
+@contextmanager
+def _naming_base(student: PeftModel, base: tuple[str, str | None]) -> Iterator[None]:
+    """The student's adapter configs naming ``base`` while it is saved, as they were afterwards."""
+    configs = list(student.peft_config.values())
+    before = [(config.base_model_name_or_path, config.revision) for config in configs]
+    for config in configs:
+        config.base_model_name_or_path, config.revision = base
+    try:
+        yield
+    finally:
+        for config, (name, revision) in zip(configs, before, strict=True):
+            config.base_model_name_or_path, config.revision = name, revision
 
 
 def export_trained_student(
@@ -148,8 +212,12 @@ def export_trained_student(
     template: str | None,
     adapter_only: bool = False,
     overwrite: bool = False,
+    student_spec: ModelSpec | None = None,
 ) -> Path:
     """`export_student` with a tokenizer that prompts the student as training did.
+
+    With ``adapter_only``, the adapter folder names the base ``student_spec`` loads (`adapter_base`), or the
+    export is refused where no name gives it.
 
     ``template`` (the data module's: "alpaca", "chat" or a string) becomes the exported tokenizer's chat
     template and is recorded in config.json; None keeps the tokenizer's own. ``model_max_length`` becomes the
@@ -165,4 +233,7 @@ def export_trained_student(
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and not tokenizer.model_max_length <= positions:
         tokenizer.model_max_length = positions
-    return export_student(student, tokenizer, out_dir, adapter_only=adapter_only, overwrite=overwrite)
+    if not (adapter_only and student_spec is not None):
+        return export_student(student, tokenizer, out_dir, adapter_only=adapter_only, overwrite=overwrite)
+    with _naming_base(student, adapter_base(student_spec)):
+        return export_student(student, tokenizer, out_dir, adapter_only=True, overwrite=overwrite)

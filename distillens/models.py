@@ -13,6 +13,7 @@ folder, because parsing the GGUF takes half a minute on every load.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import importlib.util
 import json
 import logging
@@ -281,6 +282,20 @@ def rebuildable(spec: ModelSpec, teacher: ModelSpec | None = None) -> bool:
     return spec.source is not None
 
 
+def frozen_parameters(model: PeftModel) -> list[tuple[str, torch.Tensor]]:
+    """A LoRA-wrapped model's frozen (base) parameters, by name."""
+    return [(name, param) for name, param in model.named_parameters() if not param.requires_grad]
+
+
+def lora_base_description(spec: ModelSpec, teacher: ModelSpec | None = None) -> str:
+    """Where a LoRA student's base weights come from, in the settings' words (for error lines)."""
+    if spec.init_from_teacher_layers is not None:
+        source = teacher.source if teacher is not None else None
+        return f"model.teacher.source {source!r} (blocks {spec.init_from_teacher_layers})"
+    adapter = f" with model.student.adapter {spec.adapter!r}" if spec.adapter else ""
+    return f"model.student.source {spec.source!r}{adapter}"
+
+
 def is_lora(model: Any) -> bool:
     """Whether a model is wrapped in PEFT adapters (its base weights then stay frozen)."""
     return isinstance(model, PeftModel)
@@ -451,11 +466,31 @@ def _renumbered_state_dict(
 
 EXPORT_MARKERS = ("config.json", "adapter_config.json")
 """Files every export writes (a merged model, or an adapter folder): a folder holding one holds an earlier export."""
+EXPORT_FILES = (
+    *EXPORT_MARKERS,
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",  # a model saved in shards, and their index
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+)
+"""Names (fnmatch patterns) of the files `export_student` writes, for any model family and tokenizer."""
+ADAPTER_MODEL_CARD = "README.md"  # the model card PEFT writes into an adapter folder
 
 
 def check_export_folder(folder: str | Path, overwrite: bool) -> None:
     """A non-empty folder is written only when asked (``overwrite``), and then only if it holds an earlier
-    export: its files are replaced as a whole, so a folder of anything else is never emptied."""
+    export and nothing else: its files are replaced as a whole, so no other file is ever deleted with them."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"export folder {folder} is a file")
@@ -471,6 +506,21 @@ def check_export_folder(folder: str | Path, overwrite: bool) -> None:
             f"export folder {folder} holds no earlier export (no {' or '.join(EXPORT_MARKERS)}); refusing to "
             "replace its files: choose another folder"
         )
+    others = sorted(path.name for path in folder.iterdir() if not _written_by_export(path))
+    if others:
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise FileExistsError(
+            f"export folder {folder} holds {listed}, not written by an export; --overwrite replaces the folder "
+            "as a whole, so move them out first or choose another folder"
+        )
+
+
+def _written_by_export(path: Path) -> bool:
+    if not path.is_file() or path.is_symlink():
+        return False
+    if path.name == ADAPTER_MODEL_CARD:
+        return (path.parent / "adapter_config.json").is_file()
+    return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in EXPORT_FILES)
 
 
 def export_student(

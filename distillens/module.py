@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -31,6 +33,7 @@ from torchmetrics import SumMetric
 from transformers import PreTrainedModel
 
 from distillens.callbacks import CheckpointOnInterrupt, GenerationEvaluation
+from distillens.checkpoints import LORA_BASE, check_lora_base, weights_fingerprint
 from distillens.distributed import is_sharded, shard_models, sharding_options
 from distillens.evaluation import GenerationSettings, generation_config, several_ranks
 from distillens.models import (
@@ -38,9 +41,11 @@ from distillens.models import (
     check_hub_sources,
     check_same_vocabulary,
     check_sequence_fits,
+    frozen_parameters,
     is_lora,
     load_model,
     load_tokenizer,
+    lora_base_description,
     position_limit,
     rebuildable,
 )
@@ -58,6 +63,9 @@ from distillens.onpolicy import (
 )
 from distillens.optimization import OptimizerConfig, adamw_with_schedule, apply_settings
 from distillens.sampling import draw_seed
+
+DROPOUT_STREAM = 3
+"""The seed stream of the training forward pass's dropout (the lens draw uses none, on-policy draws 1 and 2)."""
 
 
 class DistillationModule(L.LightningModule):
@@ -225,13 +233,29 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         batch = self._maybe_roll_out(batch)
-        terms = self(batch)
+        with self._seeded_dropout():
+            terms = self(batch)
         self._window_tokens += int(terms.tokens)
         self._window_batches += 1
         batch_size = batch["input_ids"].shape[0]
         for name, value in terms.means().items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         return terms.total()
+
+    @contextmanager
+    def _seeded_dropout(self) -> Iterator[None]:
+        """The forward pass's dropout masks (LoRA's, GPT-2's) drawn from a seed of the run's seed, the step, the
+        micro-batch and the rank, and the global random state left as it was.
+
+        Drawn from the global state's running position instead, a resumed run's masks would differ from the
+        uninterrupted run's: that position also moves with what happened before (the data loader starting an
+        epoch, a validation, building the models) and is not in the checkpoint. Activation checkpointing recomputes
+        the forward pass under the state it saved, so the masks match in the backward pass too.
+        """
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device.index or 0] if cuda else [], device_type="cuda"):
+            torch.manual_seed(self._draw_seed(DROPOUT_STREAM, self.global_rank))
+            yield
 
     def _maybe_roll_out(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """This micro-batch as drawn: as it is, or rebuilt on the student's or the teacher's answers (onpolicy.py).
@@ -357,10 +381,15 @@ class DistillationModule(L.LightningModule):
         if self._adapters_only_checkpoints():
             frozen = self._frozen_student_keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+            checkpoint[LORA_BASE] = self._lora_base_fingerprint()  # what identifies the weights left out
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Complete an adapters-only checkpoint with the frozen base weights the student was just built with."""
+        """Complete an adapters-only checkpoint with the frozen base weights the student was just built with, once
+        they are known to be those the adapters were trained on."""
         if self._adapters_only_checkpoints():
+            path = self._trainer.ckpt_path if self._trainer is not None else None
+            base = lora_base_description(self.student_spec, self.teacher_spec)
+            check_lora_base(path, checkpoint, self._lora_base_fingerprint(), base)
             state, saved = self.state_dict(), checkpoint["state_dict"]
             saved.update({key: state[key] for key in self._frozen_student_keys() - saved.keys()})
 
@@ -371,6 +400,12 @@ class DistillationModule(L.LightningModule):
             and not is_sharded(self.student)
             and rebuildable(self.student_spec, self.teacher_spec)
         )
+
+    def _lora_base_fingerprint(self) -> str:
+        """The fingerprint of the student's frozen base weights (computed once: they never change)."""
+        if getattr(self, "_base_fingerprint", None) is None:
+            self._base_fingerprint = weights_fingerprint(frozen_parameters(self.student))
+        return self._base_fingerprint
 
     def _frozen_student_keys(self) -> set[str]:
         """State-dict keys of the student's frozen parameters (tied ones under each of their names)."""

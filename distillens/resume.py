@@ -5,7 +5,8 @@ and, in ``fit``, the optimizer, schedule and loop state; it never brings back se
 training or evaluation (loss weights, divergences, layer pairs, the schedule, generation) may change on resume, and
 the run says in one line which ones did. Settings that decide which weights the checkpoint holds (the student's
 architecture and source, the teacher, the MSE projections) may not: the checkpoint could not be loaded into the
-models the config builds, so that is one error line naming the differing fields.
+models the config builds, so that is one error line naming the differing fields. How the models run may change
+(activation checkpointing, the LoRA dropout).
 
 ``last`` keeps Lightning's meaning (the newest ``last*.ckpt`` in the run's checkpoint folder), so a preempted job
 relaunched with the same command resumes; when there is none, ``fit`` says where it looked and starts fresh, while
@@ -15,6 +16,7 @@ relaunched with the same command resumes; when there is none, ``fit`` says where
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,9 @@ log = logging.getLogger(__name__)
 
 FIXED = ("student", "teacher")
 """Hyper-parameter groups that decide the weights a checkpoint holds: they cannot change on resume."""
+EXECUTION = ("gradient_checkpointing", "lora.dropout")
+"""Fields of those groups that only say how the models run, not what they compute from their weights: a run out
+of memory may resume with activation checkpointing on."""
 
 
 def flatten(settings: Mapping[str, Any], prefix: str = "model") -> dict[str, Any]:
@@ -51,7 +56,9 @@ def changed_settings(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict
 
 def fixed_changes(changes: Mapping[str, tuple[Any, Any]], saved: Mapping, given: Mapping) -> list[str]:
     """The changed options that the checkpoint's weights depend on."""
-    fixed = [name for name in changes if name.split(".")[1] in FIXED]
+    fixed = [
+        name for name in changes if name.split(".")[1] in FIXED and name.split(".", 2)[2] not in EXECUTION
+    ]
     uses_projections = any((settings.get("loss") or {}).get("mse_weight") for settings in (saved, given))
     if uses_projections:  # one teacher -> student projection per layer pair is part of the weights
         fixed += [
@@ -95,6 +102,38 @@ def last_checkpoint(trainer) -> Path | None:
     """The newest ``last*.ckpt`` of the trainer's checkpoint callbacks: what Lightning's ``last`` means."""
     found = [Path(p) for cb in _model_checkpoints(trainer) for p in cb._find_last_checkpoints(trainer)]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def adopt_last_checkpoints(trainer) -> None:
+    """Make the ``last.ckpt`` already in each ModelCheckpoint's folder the one that callback replaces next.
+
+    Lightning takes a ``last.ckpt`` it did not write itself (one saved on Ctrl-C before the callback's first save,
+    or any after the run folder was copied or moved, when the callback's restored state is dropped) for another
+    run's, and saves ``last-v1.ckpt`` beside it from then on: ``last.ckpt``, the file the README exports, would
+    stay at the step the run resumed from. A fresh fit refuses a folder with checkpoints (runs.py), so a
+    ``last.ckpt`` there is this run's.
+    """
+    for callback in _model_checkpoints(trainer):
+        last = _last_file(callback)
+        if callback.save_last and last is not None and os.path.lexists(last):
+            callback.last_model_path = last
+
+
+def save_as_last(trainer, path: Path) -> None:
+    """Save the trainer's state to ``path`` as its ModelCheckpoint's ``last`` file, outside the callbacks' own
+    schedule; none of them saves again at this step (at a validation or the epoch's end) over it."""
+    for callback in _model_checkpoints(trainer):
+        if callback.save_last and _last_file(callback) == str(path):
+            callback.last_model_path = str(path)  # part of the state the checkpoint records
+        callback._last_global_step_saved = trainer.global_step  # what the callback's own saves set
+    trainer.save_checkpoint(path)
+
+
+def _last_file(callback) -> str | None:
+    """Where a ModelCheckpoint (set up) writes its ``last`` file, as Lightning spells it; None before setup."""
+    if callback.dirpath is None:
+        return None
+    return callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST)
 
 
 def _model_checkpoints(trainer) -> list:

@@ -92,17 +92,48 @@ def test_a_non_empty_folder_is_replaced_only_when_asked_and_only_if_it_holds_an_
     student, smollm2_tokenizer, tmp_path
 ):
     folder = export_student(student, smollm2_tokenizer, tmp_path / "out")
-    (folder / "stale.txt").write_text("from an earlier export")
+    stale = folder / "model-00002-of-00002.safetensors"  # an earlier export saved in shards
+    stale.write_text("from an earlier export")
     with pytest.raises(FileExistsError, match="is not empty; .* --overwrite"):
         export_student(student, smollm2_tokenizer, folder)
     export_student(student, smollm2_tokenizer, folder, overwrite=True)
-    assert (folder / "config.json").is_file() and not (folder / "stale.txt").exists()
+    assert (folder / "config.json").is_file() and not stale.exists()
     other = tmp_path / "notes"
     other.mkdir()
     (other / "mine.txt").write_text("not an export")
     with pytest.raises(FileExistsError, match="holds no earlier export"):
         export_student(student, smollm2_tokenizer, other, overwrite=True)
     assert (other / "mine.txt").is_file()
+
+
+@pytest.mark.parametrize("other", ["notes.txt", "subdir/data.bin"])
+def test_overwrite_refuses_an_export_folder_that_holds_anything_else(
+    other, student, smollm2_tokenizer, tmp_path
+):
+    """An export is replaced as a whole: files beside it that no export writes would be deleted with it."""
+    folder = export_student(student, smollm2_tokenizer, tmp_path / "out")
+    (folder / other).parent.mkdir(exist_ok=True)
+    (folder / other).write_text("the user's")
+    with pytest.raises(FileExistsError, match=f"holds {other.split('/')[0]}.* not written by an export"):
+        export_student(student, smollm2_tokenizer, folder, overwrite=True)
+    assert (folder / other).read_text() == "the user's" and (folder / "config.json").is_file()
+
+
+def test_overwrite_replaces_a_merged_export_and_an_adapter_export(student, smollm2_tokenizer, tmp_path):
+    """Every file either kind of export writes (PEFT's model card README.md included) may be replaced."""
+    from distillens.models import LoraSpec, add_lora
+
+    adapted = add_lora(load_model(ModelSpec(**tiny_llama(2, 32, 49152))), LoraSpec(r=2))
+    folder = export_trained_student(
+        adapted, smollm2_tokenizer, tmp_path / "out", template="chat", adapter_only=True
+    )
+    assert (folder / "README.md").is_file()
+    export_trained_student(student, smollm2_tokenizer, folder, template="chat", overwrite=True)
+    assert (folder / "config.json").is_file() and not (folder / "adapter_config.json").exists()
+    export_trained_student(
+        adapted, smollm2_tokenizer, folder, template="chat", adapter_only=True, overwrite=True
+    )
+    assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
 
 
 def test_the_end_of_fit_export_told_not_to_overwrite_fails_when_fit_starts(tmp_path):

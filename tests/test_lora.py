@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -24,8 +25,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import subprocess_env
-from peft import PeftModel
-from safetensors.torch import load_file
+from peft import AutoPeftModelForCausalLM, PeftModel
 from tokenizers import Tokenizer, models
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -107,7 +107,9 @@ def batch() -> dict[str, Tensor]:
     return {key: torch.stack([row[key] for row in rows()]) for key in rows()[0]}
 
 
-def make_module(workdir: Path, *, lora: dict | None = LORA, student: str = "student") -> DistillationModule:
+def make_module(
+    workdir: Path, *, lora: dict | None = LORA, student: str | Path = "student"
+) -> DistillationModule:
     """Every term on (CE, final-layer KD, lens); constant learning rate, so runs of any length agree."""
     return DistillationModule(
         student=ModelSpec(source=str(workdir / student), lora=lora),
@@ -141,6 +143,7 @@ def fit(
     ckpt_path: Path | None = None,
     export: Path | None = None,
     lora: dict | None = LORA,
+    student: str | Path = "student",
     **trainer_options,
 ) -> tuple[L.Trainer, Recorder, DistillationModule]:
     """Train on the four rows, one batch per step (all rows in one process, half of them per rank of two)."""
@@ -151,7 +154,7 @@ def fit(
         devices=devices, max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks, **{"accelerator": "cpu", **trainer_options},
     )  # fmt: skip
-    module = make_module(workdir, lora=lora)
+    module = make_module(workdir, lora=lora, student=student)
     trainer.fit(module, DataLoader(rows(), batch_size=ROWS // devices), ckpt_path=ckpt_path)
     return trainer, recorder, module
 
@@ -378,6 +381,41 @@ def test_resumed_lora_run_continues_the_uninterrupted_one(runs):
         torch.testing.assert_close(resumed.weights[3][name], value, msg=name)
 
 
+def test_resumed_lora_run_with_dropout_continues_the_uninterrupted_one(runs):
+    """With the default dropout (0.1) the masks of step 3 must be those the uninterrupted run drew, whatever drew
+    random numbers in between (the data loader starting an epoch, the restart itself)."""
+    lora = dict(LORA, dropout=0.1)
+    _, whole, _ = fit(runs["dir"], max_steps=3, lora=lora)
+    first_trainer, _, _ = fit(runs["dir"], max_steps=2, lora=lora)
+    first_trainer.save_checkpoint(runs["dir"] / "dropout.ckpt")
+    _, resumed, _ = fit(runs["dir"], max_steps=3, lora=lora, ckpt_path=runs["dir"] / "dropout.ckpt")
+    assert whole.totals[3] != pytest.approx(runs["whole"].totals[3], rel=1e-6), "dropout changed nothing"
+    assert resumed.totals[3] == pytest.approx(whole.totals[3], rel=1e-6)
+    for name, value in whole.weights[3].items():
+        torch.testing.assert_close(resumed.weights[3][name], value, msg=name)
+
+
+@pytest.mark.parametrize("change", ["same shape", "another shape"])
+def test_a_changed_lora_base_is_refused_in_one_line(change, model_dir, tmp_path):
+    """A LoRA checkpoint holds the adapters only, and its base comes from the student's source again: when the
+    weights there are no longer those the adapters were trained on, resume and export stop, naming the source."""
+    base = tmp_path / "base"
+    random_model(STUDENT).save_pretrained(base)
+    scratch_tokenizer().save_pretrained(base)
+    trainer, _, _ = fit(model_dir, max_steps=1, student=base)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    fields = STUDENT if change == "same shape" else dict(STUDENT, hidden_size=48)
+    random_model(fields).save_pretrained(base)  # other weights in the same folder
+    line = (
+        f"run.ckpt: its LoRA adapters were trained on other base weights than model.student.source '{base}' "
+    )
+    with pytest.raises(ValueError, match=line) as refused:
+        fit(model_dir, max_steps=2, student=base, ckpt_path=tmp_path / "run.ckpt")
+    assert len(str(refused.value).splitlines()) == 1
+    with pytest.raises(ValueError, match=line):
+        export_checkpoint(tmp_path / "run.ckpt", tmp_path / "out")
+
+
 def test_end_of_fit_export_is_the_merged_student(runs):
     exported = AutoModelForCausalLM.from_pretrained(runs["dir"] / "export_fit")
     assert not (runs["dir"] / "export_fit" / "adapter_config.json").exists()
@@ -409,6 +447,58 @@ def test_adapter_only_export_of_a_full_student_is_refused(runs, tmp_path):
         export_checkpoint(runs["dir"] / "full.ckpt", tmp_path / "out", adapter_only=True)
 
 
+def with_student(checkpoint: Path, student: dict, out: Path) -> Path:
+    """A copy of ``checkpoint`` whose hyper-parameters record the ``student`` settings."""
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["hyper_parameters"]["student"] = student
+    torch.save(saved, out)
+    return out
+
+
+UNNAMED_BASES = {
+    "layer subset": {"init_from_teacher_layers": [0, 1]},
+    "random config": {"config": STUDENT},
+    "merged adapter": {"source": "SOURCE", "adapter": "ADAPTER"},
+    "gguf": {"source": "model.Q4_1.gguf"},
+}
+
+
+@pytest.mark.parametrize("base", UNNAMED_BASES)
+def test_adapter_only_export_is_refused_where_no_name_loads_the_base(base, runs, tmp_path):
+    """PEFT loads an adapter folder onto the model its adapter_config.json names: a layer-subset student's named
+    the whole teacher (logits off by 0.85), a random one's named none, and one whose source had an adapter merged
+    in named the source without it. Refused by export and, when fit starts, by ExportStudent."""
+    from types import SimpleNamespace
+
+    fields = {k: str(runs["dir"] / "student") if v == "SOURCE" else v for k, v in UNNAMED_BASES[base].items()}
+    fields = {k: str(runs["dir"] / "teacher_adapter") if v == "ADAPTER" else v for k, v in fields.items()}
+    student = {**fields, "lora": LORA}
+    checkpoint = with_student(runs["dir"] / "lora.ckpt", student, tmp_path / "run.ckpt")
+    refusal = "adapter_only: .*, which no model name loads, so the adapter alone cannot be used"
+    with pytest.raises(ValueError, match=refusal):
+        export_checkpoint(checkpoint, tmp_path / "out", adapter_only=True)
+    assert not (tmp_path / "out").exists()
+    module = SimpleNamespace(student_spec=ModelSpec(**student))
+    with pytest.raises(ValueError, match=refusal):
+        ExportStudent(str(tmp_path / "out"), adapter_only=True).on_fit_start(None, module)
+
+
+def test_adapter_only_export_names_the_base_by_an_absolute_path(runs, tmp_path, monkeypatch):
+    """A student whose source was a relative folder: the adapter names that folder wherever it is loaded from."""
+    monkeypatch.chdir(runs["dir"])
+    checkpoint = with_student(
+        runs["dir"] / "lora.ckpt", {"source": "student", "lora": LORA}, tmp_path / "run.ckpt"
+    )
+    export_checkpoint(checkpoint, tmp_path / "adapter", adapter_only=True)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(runs["dir"] / "student")
+    monkeypatch.chdir(tmp_path)
+    ids = sample_ids()
+    restored = DistillationModule.load_from_checkpoint(runs["dir"] / "lora.ckpt", map_location="cpu")
+    adapted = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(logits(adapted, ids), logits(restored.student, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_cli_fits_a_lora_student_exports_it_both_ways_and_tests_under_the_protocol(tmp_path, capsys):
     """The user's path: configs/tiny.yaml with model.student.lora, `distillens export` (merged, --adapter-only),
     `distillens test` under the evaluation protocol. The tiny student comes from a random config, so its checkpoint
@@ -432,19 +522,20 @@ def test_cli_fits_a_lora_student_exports_it_both_ways_and_tests_under_the_protoc
     ids = sample_ids()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(logits(merged, ids), logits(student, ids), rtol=1e-5, atol=1e-5)
-    main(["export", str(checkpoint), str(tmp_path / "adapter"), "--adapter-only"])
-    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    trained = {k: v for k, v in student.state_dict().items() if "lora_" in k}
-    assert len(saved) == len(trained) > 0
-    for key, value in saved.items():
-        torch.testing.assert_close(value, trained[key.replace(".weight", ".default.weight")], msg=key)
+    assert "student exported" in capsys.readouterr().out  # by fit's end and the merged export
+    with pytest.raises(SystemExit) as refused:  # a random student's adapter is of no use without its base
+        main(["export", str(checkpoint), str(tmp_path / "adapter"), "--adapter-only"])
+    assert refused.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        "distillens: error: adapter_only: its base is a randomly initialised model.student.config"
+    )
     with mock.patch.object(sys, "argv", ["distillens"]):
         run_cli(["test", *args, "--ckpt_path", str(checkpoint)])
     protocol = (run / "test-0" / "eval" / "results.md").read_text().splitlines()[-1]
     assert (
         "no_repeat_ngram_size 6" in protocol and "instructions: references of at least 11 tokens" in protocol
     )
-    assert "student exported" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------

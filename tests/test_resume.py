@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-from helpers import DISTILLENS, checkpoint_every_step, subprocess_env, tiny_fit_config, write_config
+from helpers import DISTILLENS, checkpoint_every_step, scalars, subprocess_env, tiny_fit_config, write_config
 from reference import (
     Objective,
     checkpoint_student,
@@ -221,6 +222,46 @@ def test_a_resume_follows_the_changed_schedule_from_the_restored_step(uninterrup
     assert logged == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_resume_may_turn_on_gradient_checkpointing(uninterrupted, tmp_path, cache_dir, caplog):
+    """Checkpointing activations is how to resume a run that ran out of memory: the weights are the same, and
+    so is every value computed from them."""
+    _, reference, _ = uninterrupted
+    with caplog.at_level("INFO", logger="distillens.resume"):
+        cli = resumed_from(
+            7, uninterrupted, tmp_path, cache_dir, "--model.student.gradient_checkpointing", "true"
+        )
+    assert cli.model.student.is_activation_checkpointing and cli.trainer.global_step == MAX_STEPS
+    assert "model.student.gradient_checkpointing False -> True" in caplog.text
+    assert_continues(curves(sorted(event_files(tmp_path / "tiny"))), reference, start=7)
+
+
+def test_only_settings_that_decide_the_weights_block_a_resume():
+    """The execution settings of either model (activation checkpointing, the LoRA dropout) may change; its source,
+    architecture and LoRA shape may not."""
+    from distillens.resume import check_resumable
+
+    saved = {
+        "student": {
+            "config": {"hidden_size": 32},
+            "gradient_checkpointing": False,
+            "lora": {"r": 8, "dropout": 0.1},
+        },
+        "teacher": {"source": "teacher", "gradient_checkpointing": False},
+    }
+    execution = {
+        "student": dict(saved["student"], gradient_checkpointing=True, lora={"r": 8, "dropout": 0.0}),
+        "teacher": dict(saved["teacher"], gradient_checkpointing=True),
+    }
+    assert set(check_resumable(Path("run.ckpt"), saved, execution)) == {
+        "model.student.gradient_checkpointing", "model.student.lora.dropout", "model.teacher.gradient_checkpointing",
+    }  # fmt: skip
+    for field, value in (("lora", {"r": 4, "dropout": 0.1}), ("config", {"hidden_size": 64})):
+        with pytest.raises(ValueError, match=f"model.student.{field}"):
+            check_resumable(
+                Path("run.ckpt"), saved, dict(saved, student=dict(saved["student"], **{field: value}))
+            )
+
+
 @pytest.mark.parametrize("form", ["file", "last"])
 def test_a_resume_into_another_student_is_one_line_naming_the_field(
     form, uninterrupted, tmp_path, cache_dir, capsys
@@ -357,3 +398,88 @@ def test_an_exception_in_the_loop_names_the_newest_checkpoint(tmp_path, cache_di
     last = tmp_path / "tiny" / "checkpoints" / "last.ckpt"
     assert f"RuntimeError at step 2: the newest checkpoint is {last}" in capsys.readouterr().out
     assert torch.load(last, weights_only=True)["global_step"] == 2
+
+
+# ------------------------------------------------------------- Ctrl-C and last.ckpt with the shipped checkpointing (issue 21)
+
+
+def shipped_config(folder: Path, cache_dir: Path, max_steps: int, *extra_callbacks: dict) -> Path:
+    """configs/tiny.yaml's own callbacks: last.ckpt and the best checkpoint at each validation (every 3 steps) and
+    the student exported when fit ends; outputs under ``folder``."""
+    config = tiny_fit_config(folder, cache_dir, max_steps=max_steps)
+    config["trainer"]["callbacks"] += list(extra_callbacks)
+    return write_config(config, folder / f"shipped-{max_steps}.yaml")
+
+
+@pytest.fixture(scope="module")
+def interrupted_before_any_save(tmp_path_factory, cache_dir):
+    """Ctrl-C before step 1's batch of a tiny.yaml run: before its first validation, so before any save of its
+    ModelCheckpoint. Returns the parent of the run folder and fit's exit status."""
+    folder = tmp_path_factory.mktemp("interrupted")
+    stop = {"class_path": "probes.StopAt", "init_args": {"step": 1}}
+    with pytest.raises(SystemExit) as exit_, mock.patch.object(sys, "argv", ["distillens"]):
+        main(["fit", "--config", str(shipped_config(folder, cache_dir, 6, stop))])
+    return folder, exit_.value.code
+
+
+def saved_step(path: Path) -> int:
+    return torch.load(path, weights_only=True, mmap=True)["global_step"]
+
+
+def test_ctrl_c_saves_last_ckpt_and_stops_without_validating_or_exporting(interrupted_before_any_save):
+    """Lightning validates a run asked to stop (as after early stopping) and fit's end exports the student: after
+    Ctrl-C that is a full validation to wait for, and a half-trained student/ beside the finished runs' ones."""
+    folder, status = interrupted_before_any_save
+    run = folder / "tiny"
+    assert status == 130
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert saved_step(run / "checkpoints" / "last.ckpt") == 2
+    assert not (run / "student").exists(), "a half-trained student was exported"
+    logged = scalars(sorted(run.glob("events.out.tfevents.*")))
+    assert not [name for name in logged if name.startswith("val/")], "Ctrl-C ran a validation"
+    assert sorted(logged["train/loss"]) == [0, 1], "the steps trained are all logged"
+
+
+def test_last_ckpt_stays_the_newest_state_after_a_resume_and_after_a_move(
+    interrupted_before_any_save, tmp_path, cache_dir
+):
+    """The resumed run's saves go to last.ckpt (which the README exports), not to last-v1.ckpt beside a stale one:
+    resumed in place after Ctrl-C, then again from a copy of the run folder elsewhere."""
+    folder, _ = interrupted_before_any_save
+    fit(shipped_config(folder, cache_dir, 3), "--ckpt_path", "last")  # validates, and saves, at step 3
+    checkpoints = folder / "tiny" / "checkpoints"
+    assert not list(checkpoints.glob("last-v*.ckpt")), sorted(p.name for p in checkpoints.iterdir())
+    assert saved_step(checkpoints / "last.ckpt") == 3
+    shutil.copytree(folder / "tiny", tmp_path / "tiny")  # another disk, another machine: another path
+    fit(shipped_config(tmp_path, cache_dir, 6), "--ckpt_path", "last")
+    moved = tmp_path / "tiny" / "checkpoints"
+    assert not list(moved.glob("last-v*.ckpt")), sorted(p.name for p in moved.iterdir())
+    assert saved_step(moved / "last.ckpt") == 6
+
+
+@pytest.mark.parametrize("where", ["loading the tokenizer", "building the models in fit"])
+def test_ctrl_c_during_start_up_is_one_line(where, tmp_path, cache_dir, capsys, monkeypatch):
+    """Before training starts (loading models, tokenising): no traceback, no checkpoint line, status 130."""
+    import distillens.module
+
+    owner, name = (
+        (distillens.module, "load_tokenizer")
+        if where == "loading the tokenizer"  # in the module's __init__, before Lightning's fit
+        else (distillens.module.DistillationModule, "configure_model")  # inside Lightning's fit
+    )
+    original = getattr(owner, name)
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; Python raises at the next instruction
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    with (
+        pytest.raises((SystemExit, KeyboardInterrupt)) as exit_,
+        mock.patch.object(sys, "argv", ["distillens"]),
+    ):
+        main(["fit", "--config", str(shipped_config(tmp_path, cache_dir, 6))])
+    captured = capsys.readouterr()
+    assert exit_.type is SystemExit and exit_.value.code == 130
+    assert captured.err.strip().splitlines() == ["distillens: interrupted (Ctrl-C)"]
+    assert "checkpoint" not in captured.out and "KeyboardInterrupt" not in captured.out
