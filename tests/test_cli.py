@@ -553,10 +553,13 @@ def test_default_config_trains_end_to_end(tmp_path):
     ]  # fmt: skip
     cli = run_distillens(args)
     assert cli.trainer.global_step == 2
-    # default.yaml: the paper's objective (reverse KL + JSD lens, weights 1 and 1) on 5 pairs: the module's terms on
-    # a validation batch, with the trained weights, equal the objective written out in tests/reference.py (the
-    # logged val/* against the reference: test_fit_trains_to_max_steps_and_logs_the_objectives_validation_means)
-    pairs = Objective(student_layers=[2, 4, 6, 8, 10], teacher_layers=[2, 4, 6, 26, 28])
+    # default.yaml: forward KL + JSD lens (weights 1 and 1) on 5 pairs, the exact lens term in validation: the
+    # module's terms on a validation batch, with the trained weights, equal the objective written out in
+    # tests/reference.py (the logged val/* against the reference:
+    # test_fit_trains_to_max_steps_and_logs_the_objectives_validation_means)
+    pairs = Objective(
+        kd_divergence="forward_kl", student_layers=[2, 4, 6, 8, 10], teacher_layers=[2, 4, 6, 26, 28]
+    )
     batch = next(iter(cli.datamodule.val_dataloader()))
     model = cli.model.eval()
     with torch.no_grad():
