@@ -242,7 +242,10 @@ def fit_with_lens_diagnostics(tmp_path: Path, student: dict, teacher: dict, step
     ]
     for split in ("train", "validation", "test"):
         config["data"][split] = str(REPO / config["data"][split])
-    config["data"].update(cache_dir=str(tmp_path / "cache"), max_samples=8)
+    # the test models have 64 positions: sequences must fit them (checked when the models are built)
+    config["data"].update(
+        cache_dir=str(tmp_path / "cache"), max_samples=8, max_length=64, max_prompt_length=48
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = run_cli(["fit", "--config", str(path), "--trainer.enable_checkpointing", "false"])

@@ -139,19 +139,25 @@ def repeated_ngrams(ids: list[int], n: int) -> int:
     return len(grams) - len(set(grams))
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_no_repeat_ngram_size_blocks_every_repeat_of_the_whole_sequence(
-    tiny_llama, smollm2_tokenizer, monkeypatch, n
-):
-    """Greedy decoding of a random model repeats itself; with the option, no n-gram occurs twice (prompt included)."""
+def recorded_generations(model, monkeypatch) -> list:
+    """Every sequence ``model.generate`` returns from now on, (1, T + new) each, in call order."""
     produced = []
-    original = tiny_llama.generate
+    original = model.generate
 
     def recording(*args, **kwargs):
         produced.append(original(*args, **kwargs))  # (1, T + new)
         return produced[-1]
 
-    monkeypatch.setattr(tiny_llama, "generate", recording)
+    monkeypatch.setattr(model, "generate", recording)
+    return produced
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_no_repeat_ngram_size_blocks_every_repeat_of_the_whole_sequence(
+    tiny_llama, smollm2_tokenizer, monkeypatch, n
+):
+    """Greedy decoding of a random model repeats itself; with the option, no n-gram occurs twice (prompt included)."""
+    produced = recorded_generations(tiny_llama, monkeypatch)
     prompt = smollm2_tokenizer(["Tell me about the sea and the sky."], return_tensors="pt")
     options = dict(max_new_tokens=48, do_sample=False)
     for size in (0, n):
@@ -167,14 +173,7 @@ def test_the_evaluator_answers_under_the_configured_ngram_blocking(
 ):
     """What `distillens test` and validation generation call: GenerationEvaluator.answer, with the settings'
     no_repeat_ngram_size (the protocol line only restates the settings; the answers must follow them)."""
-    produced = []
-    original = tiny_llama.generate
-
-    def recording(*args, **kwargs):
-        produced.append(original(*args, **kwargs))  # (1, T + new)
-        return produced[-1]
-
-    monkeypatch.setattr(tiny_llama, "generate", recording)
+    produced = recorded_generations(tiny_llama, monkeypatch)
     prompt = "Tell me about the sea and the sky."
     encoded = smollm2_tokenizer([prompt], return_tensors="pt")
     batch = {**encoded, "index": [0], "prompts": [prompt], "references": [["The sea."]], "name": "set"}

@@ -268,7 +268,7 @@ def test_each_micro_batch_of_a_step_is_a_draw_of_its_own(monkeypatch, batch):
     module = build(monkeypatch, loss=loss, student_fraction=0.5)
     choice_seeds, lens_seeds = [], []
 
-    def choose(config, seed):
+    def choose(config, seed, step=0):
         choice_seeds.append(seed)
         return REFERENCE  # no generation: the seeds are what is checked
 
