@@ -311,21 +311,21 @@ def _check_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 
 def _decode_new_tokens(tokenizer: PreTrainedTokenizerBase, new_tokens: torch.Tensor) -> list[str]:
     """Text of each row up to (excluding) its first eos; what follows is padding or a finished sequence's tail."""
-    return [
-        tokenizer.decode(row[:length], skip_special_tokens=True)
-        for row, length, _ in _answer_spans(tokenizer, new_tokens)
-    ]
+    return _decoded_answers(tokenizer, new_tokens)[0]
 
 
-def _answer_spans(
+def _decoded_answers(
     tokenizer: PreTrainedTokenizerBase, new_tokens: torch.Tensor
-) -> list[tuple[list[int], int, bool]]:
-    """Each row's new ids, its answer's length in tokens (before the first eos) and whether an eos ended it."""
-    spans = []
+) -> tuple[list[str], list[int], list[bool]]:
+    """Each row's text up to its first eos, its length in tokens (before that eos) and whether an eos ended it."""
+    texts, lengths, ended = [], [], []
     for row in new_tokens.tolist():
-        ended = tokenizer.eos_token_id in row
-        spans.append((row, row.index(tokenizer.eos_token_id) if ended else len(row), ended))
-    return spans
+        stop = tokenizer.eos_token_id in row
+        length = row.index(tokenizer.eos_token_id) if stop else len(row)
+        texts.append(tokenizer.decode(row[:length], skip_special_tokens=True))
+        lengths.append(length)
+        ended.append(stop)
+    return texts, lengths, ended
 
 
 def several_ranks() -> bool:
@@ -838,11 +838,7 @@ class GenerationEvaluator:
             model, batch["input_ids"], batch["attention_mask"], config,
             seed=batch_seed(seed, batch["index"][0]), synced_gpus=several_ranks(),
         )  # (B, new)  # fmt: skip
-        predictions = _decode_new_tokens(self.tokenizer, new_tokens)
-        spans = _answer_spans(self.tokenizer, new_tokens)
-        return records_from_batch(
-            batch, predictions, [length for _, length, _ in spans], [ended for *_, ended in spans]
-        )
+        return records_from_batch(batch, *_decoded_answers(self.tokenizer, new_tokens))
 
     def add(self, model: PreTrainedModel, batch: dict[str, Any]) -> None:
         """Answer one batch of a named set under every generation seed (this rank's answers)."""
