@@ -38,7 +38,6 @@ from distillens.measures import DIAGNOSTICS
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "configs" / "replicate"
-METHODS = PRESETS / "methods"
 PROPOSED = "distillens"  # the row every baseline is compared with, seed by seed
 TEACHER = "teacher"
 AVERAGE = "average"  # the mean over a run's test sets, beside each set
