@@ -609,15 +609,26 @@ def finished_runs(preset: Preset, out: Path) -> list[Run]:
     return [run for run in [teacher, *plan(preset, out)] if run.results_of(preset.decodings[0]).is_file()]
 
 
-def only(preset: Preset, methods: str | None) -> Preset:
-    """The preset restricted to some of its methods (``--methods a,b``), to run the comparison that matters first."""
-    if not methods:
-        return preset
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in preset.methods]
+def only(preset: Preset, methods: str | None, decodings: str | None = None) -> Preset:
+    """The preset restricted to some of its methods (``--methods a,b``) and decodings (``--decodings greedy``), to
+    run the comparison that matters first; the rest can follow in a later run."""
+    return dataclasses.replace(
+        preset,
+        methods=chosen_of(preset, "methods", methods),
+        decodings=chosen_of(preset, "decodings", decodings),
+    )
+
+
+def chosen_of(preset: Preset, field_name: str, listed: str | None) -> list[str]:
+    """The preset's values of one list field, or those named in a comma-separated option (each must be one)."""
+    offered = getattr(preset, field_name)
+    if not listed:
+        return offered
+    chosen = [item.strip() for item in listed.split(",") if item.strip()]
+    unknown = [item for item in chosen if item not in offered]
     if unknown:
-        raise SystemExit(f"replicate: --methods {unknown} not in preset {preset.name!r}: {preset.methods}")
-    return dataclasses.replace(preset, methods=chosen)
+        raise SystemExit(f"replicate: --{field_name} {unknown} not in preset {preset.name!r}: {offered}")
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -629,12 +640,16 @@ def main(argv: list[str] | None = None) -> None:
         "--methods", help="comma-separated: train and score only these of the preset's methods now; the table "
         "still covers every finished run"
     )  # fmt: skip
+    parser.add_argument(
+        "--decodings", help="comma-separated: score only under these of the preset's decodings now (greedy, "
+        "sampled); the others can be scored by a later run"
+    )  # fmt: skip
     parser.add_argument("--in-process", action="store_true", help="run the CLI steps in this process (tests)")
     options = parser.parse_args(argv)
     preset = Preset.load(options.preset)
     out = (options.out or ROOT / "logs" / "replicate" / preset.name).resolve()
     if not options.table_only:
-        run_all(only(preset, options.methods), out, options.in_process)
+        run_all(only(preset, options.methods, options.decodings), out, options.in_process)
     runs = finished_runs(preset, out)
     summary = summarise(preset, runs)
     out.mkdir(parents=True, exist_ok=True)

@@ -270,9 +270,18 @@ def test_sft_with_a_teacher_never_runs_the_teacher_in_training(tiny_module):
 def test_methods_option_runs_a_subset_and_refuses_unknown_names():
     preset = replicate.Preset.load("tiny")
     assert replicate.only(preset, "rkl, distillens").methods == ["rkl", "distillens"]
-    assert replicate.only(preset, None) is preset
+    assert replicate.only(preset, None) == preset
     with pytest.raises(SystemExit, match=r"--methods \['nope'\] not in preset 'tiny'"):
         replicate.only(preset, "rkl,nope")
+
+
+def test_decodings_option_scores_under_some_decodings_only():
+    preset = replicate.Preset.load("tiny")
+    preset.decodings = ["sampled", "greedy"]
+    chosen = replicate.only(preset, None, "greedy")
+    assert chosen.decodings == ["greedy"] and chosen.methods == preset.methods
+    with pytest.raises(SystemExit, match=r"--decodings \['beam'\] not in preset 'tiny'"):
+        replicate.only(preset, None, "beam")
 
 
 def test_comparisons_are_the_proposed_method_against_each_other_then_the_extra_pairs():
