@@ -609,13 +609,15 @@ def finished_runs(preset: Preset, out: Path) -> list[Run]:
     return [run for run in [teacher, *plan(preset, out)] if run.results_of(preset.decodings[0]).is_file()]
 
 
-def only(preset: Preset, methods: str | None, decodings: str | None = None) -> Preset:
-    """The preset restricted to some of its methods (``--methods a,b``) and decodings (``--decodings greedy``), to
-    run the comparison that matters first; the rest can follow in a later run."""
+def only(preset: Preset, methods: str | None, decodings: str | None = None, teacher: bool = True) -> Preset:
+    """The preset restricted to some of its methods (``--methods a,b``) and decodings (``--decodings greedy``), and
+    without the teacher's scoring (``--no-teacher``), to run the comparison that matters first; the rest can follow in
+    a later run."""
     return dataclasses.replace(
         preset,
         methods=chosen_of(preset, "methods", methods),
         decodings=chosen_of(preset, "decodings", decodings),
+        score_teacher=preset.score_teacher and teacher,
     )
 
 
@@ -644,12 +646,16 @@ def main(argv: list[str] | None = None) -> None:
         "--decodings", help="comma-separated: score only under these of the preset's decodings now (greedy, "
         "sampled); the others can be scored by a later run"
     )  # fmt: skip
+    parser.add_argument(
+        "--no-teacher", action="store_true", help="do not score the teacher now (on this CPU its scoring takes about "
+        "as long as a student's fit); a later run without the option scores it"
+    )  # fmt: skip
     parser.add_argument("--in-process", action="store_true", help="run the CLI steps in this process (tests)")
     options = parser.parse_args(argv)
     preset = Preset.load(options.preset)
     out = (options.out or ROOT / "logs" / "replicate" / preset.name).resolve()
     if not options.table_only:
-        run_all(only(preset, options.methods, options.decodings), out, options.in_process)
+        run_all(only(preset, options.methods, options.decodings, not options.no_teacher), out, options.in_process)
     runs = finished_runs(preset, out)
     summary = summarise(preset, runs)
     out.mkdir(parents=True, exist_ok=True)

@@ -284,6 +284,12 @@ def test_decodings_option_scores_under_some_decodings_only():
         replicate.only(preset, None, "beam")
 
 
+def test_no_teacher_option_leaves_the_teacher_unscored_now():
+    preset = replicate.Preset.load("tiny")
+    assert replicate.only(preset, None, None, teacher=False).score_teacher is False
+    assert replicate.only(preset, None, None).score_teacher is preset.score_teacher
+
+
 def test_comparisons_are_the_proposed_method_against_each_other_then_the_extra_pairs():
     preset = replicate.Preset.load("tiny")
     preset.also_compare = [["rkl", "sft"], ["distillens", "kd"]]  # the second is already among the first
