@@ -8,6 +8,7 @@ parsers (``--max-samples``, a bare ``--adapter-only``) are still accepted, as js
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,20 +16,23 @@ from dataclasses import dataclass
 from docstring_parser import parse as parse_docstring
 from jsonargparse import ArgumentParser
 
-from distillens.diagnostics import diagnose
-from distillens.export import export_checkpoint
-
 BOOLEAN_VALUES = ("true", "false", "yes", "no")
 
 
 @dataclass(frozen=True)
 class Command:
-    """A function run from the command line, the line printed with what it returns, and whether its required
+    """A function run from the command line (``module:function``, imported when the command runs, so that one
+    command does not load what another needs), the line printed with what it returns, and whether its required
     parameters are positionals (``export CHECKPOINT OUT``) or required options (``--teacher SPEC``)."""
 
-    function: Callable
+    target: str
     done: str
     positional: bool
+
+    @property
+    def function(self) -> Callable:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
 
     @property
     def summary(self) -> str:
@@ -37,8 +41,8 @@ class Command:
 
 
 COMMANDS = {
-    "export": Command(export_checkpoint, "student exported to {}", positional=True),
-    "diagnose": Command(diagnose, "lens diagnostics written to {} and {}", positional=False),
+    "export": Command("distillens.export:export_checkpoint", "student exported to {}", positional=True),
+    "diagnose": Command("distillens.diagnostics:diagnose", "lens diagnostics written to {} and {}", positional=False),
 }
 
 
@@ -53,9 +57,9 @@ def command_parser(name: str) -> ArgumentParser:
 
 def run_command(name: str, args: list[str]) -> None:
     """Parse ``args`` for command ``name``, run it and print what it wrote."""
-    command = COMMANDS[name]
-    options = command_parser(name).parse_args(earlier_spellings(args, command.function))
-    result = command.function(**options.as_dict())
+    function = COMMANDS[name].function
+    options = command_parser(name).parse_args(earlier_spellings(args, function))
+    result = function(**options.as_dict())
     print(command.done.format(*(result if isinstance(result, tuple) else (result,))))
 
 

@@ -66,14 +66,19 @@ def user_errors_as_one_line(debug: bool, prog: str = "distillens") -> Iterator[N
 
 
 def check_config_files(args: list[str]) -> None:
-    """Parse every existing ``--config`` file first, so that malformed YAML is reported with its file and line
-    (jsonargparse names only ``<unicode string>``); missing files are left to jsonargparse, which names them."""
+    """Check every ``--config`` file first, before anything heavy is imported: a missing one answers at once, and
+    malformed YAML is reported with its file and line (jsonargparse names only ``<unicode string>``). A value
+    that is not a file name (jsonargparse also takes YAML text after ``--config``) is left to jsonargparse."""
     for index, flag in enumerate(args):
         value = args[index + 1] if flag in CONFIG_FLAGS and index + 1 < len(args) else None
         if flag.startswith("--config="):
             value = flag.split("=", 1)[1]
-        if value is not None and Path(value).is_file():
+        if value is None:
+            continue
+        if Path(value).is_file():
             check_config_file(value)
+        elif Path(value).suffix in (".yaml", ".yml") and "\n" not in value:
+            raise FileNotFoundError(f"--config {value}: no such file")
 
 
 def check_config_file(value: str) -> None:

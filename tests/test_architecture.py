@@ -31,6 +31,7 @@ LAYERS = [
     {"callbacks"},
     {"module"},
     {"commands"},
+    {"lightning_cli"},
     {"cli", "__main__"},
 ]
 """Bottom to top: a module may import only from its own layer's other modules or from layers below."""

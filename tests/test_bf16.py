@@ -19,7 +19,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from distillens.cli import run_cli
+from distillens.lightning_cli import run_cli
 from distillens.lens import LogitLens, lens_loss, naive_lens_loss
 from distillens.objective import LayerPairs, LossConfig
 

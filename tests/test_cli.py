@@ -31,7 +31,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distillens.cli import main, run_cli
+from distillens.cli import main
+from distillens.lightning_cli import run_cli
 from distillens.console import error_line
 from distillens.evaluation import GenerationSettings
 from distillens.module import DistillationModule
@@ -588,10 +589,10 @@ def test_more_cpu_processes_than_cores_is_one_warning(caplog, monkeypatch):
 
     from lightning.pytorch.accelerators import CPUAccelerator
 
-    from distillens.cli import warn_if_oversubscribed
+    from distillens.lightning_cli import warn_if_oversubscribed
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    with caplog.at_level("WARNING", logger="distillens.cli"):
+    with caplog.at_level("WARNING", logger="distillens.lightning_cli"):
         warn_if_oversubscribed(SimpleNamespace(accelerator=CPUAccelerator(), num_devices=2))
         assert not caplog.records
         warn_if_oversubscribed(SimpleNamespace(accelerator=CPUAccelerator(), num_devices=3))
@@ -746,3 +747,75 @@ def test_exports_prompt_as_training_did_and_replace_a_folder_only_when_asked(fit
     assert code == 1 and f"export folder {out} is not empty" in err and "--overwrite" in err
     assert run_in_process(["export", str(checkpoint), str(out), "--overwrite"], capsys)[0] == 0
     assert "--overwrite" in run_in_process(["export", "--help"], capsys)[1]
+
+
+def test_the_entry_points_command_names_are_the_commands():
+    from distillens.cli import COMMAND_NAMES
+    from distillens.commands import COMMANDS
+
+    assert set(COMMAND_NAMES) == set(COMMANDS)
+
+
+def run_entry_point(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter that imports this tree: what loads before the entry point answers."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, env=subprocess_env(), cwd=cwd, timeout=300,
+    )  # fmt: skip
+
+
+def test_a_missing_config_file_is_reported_before_any_library_loads(tmp_path):
+    result = run_entry_point(
+        """
+        import sys
+        from distillens.cli import main
+        try:
+            main(["fit", "--config", "absent.yaml"])
+        except SystemExit as stop:
+            print(stop.code, [m for m in ("torch", "lightning", "transformers", "peft") if m in sys.modules])
+        """,
+        tmp_path,
+    )
+    assert result.stdout.strip() == "1 []", result.stderr
+    assert result.stderr.strip() == (
+        "distillens: error: --config absent.yaml: no such file (run with --debug for the traceback)"
+    )
+
+
+def test_ctrl_c_while_lightning_imports_is_one_line(tmp_path):
+    """The Ctrl-C handler is in place before the heavy imports: a SIGINT raised from inside Lightning's import."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    result = run_entry_point(
+        f"""
+        import os, signal, sys, time
+
+        class CtrlCWhenLightningLoads:
+            def find_spec(self, name, path=None, target=None):
+                if name == "lightning":
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(5)  # the handler raises first
+                return None
+
+        sys.meta_path.insert(0, CtrlCWhenLightningLoads())
+        from distillens.cli import main
+        main(["fit", "--config", {str(config)!r}])
+        """,
+        tmp_path,
+    )
+    assert (result.returncode, result.stderr.strip()) == (130, "distillens: interrupted (Ctrl-C)")
+
+
+def test_export_and_diagnose_load_without_lightnings_cli(tmp_path):
+    result = run_entry_point(
+        """
+        import sys
+        from distillens.cli import main
+        try:
+            main(["export", "--help"])
+        except SystemExit:
+            print("lightning.pytorch.cli" in sys.modules, "distillens.diagnostics" in sys.modules, file=sys.stderr)
+        """,
+        tmp_path,
+    )
+    assert "usage: distillens export" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == "False False"

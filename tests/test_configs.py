@@ -26,7 +26,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from distillens.callbacks import SequencesPerStep, accumulation_for
-from distillens.cli import run_cli
+from distillens.lightning_cli import run_cli
 from distillens.objective import LayerPairs, evenly_spaced
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ import yaml
 from matplotlib.image import imread
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distillens.cli import main, run_cli
+from distillens.cli import main
+from distillens.lightning_cli import run_cli
 from distillens.diagnostics import (
     LensReport,
     labelled_batches,

@@ -12,7 +12,7 @@ import torch
 from helpers import scalars, tiny_fit_config, write_config
 
 from distillens import fused, losses
-from distillens.cli import run_cli
+from distillens.lightning_cli import run_cli
 from distillens.lens import LogitLens, projected_divergence
 
 V = 300

@@ -24,7 +24,7 @@ from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from distillens import evaluation
-from distillens.cli import run_cli
+from distillens.lightning_cli import run_cli
 from distillens.data import GenerationCollator, IndexedRows
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from distillens.callbacks import ExportStudent
-from distillens.cli import main, run_cli
+from distillens.cli import main
+from distillens.lightning_cli import run_cli
 from distillens.distributed import FSDP2Strategy, full_state_dict, is_sharded
 from distillens.export import export_checkpoint
 from distillens.lens import LogitLens

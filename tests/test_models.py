@@ -420,6 +420,23 @@ def test_converted_teacher_stops_at_im_end(converted_teacher):
 
 
 @pytest.mark.slow
+def test_a_tiny_model_converts_only_the_teachers_tokenizer(converted_teacher, tmp_path, monkeypatch):
+    """A config-built model borrowing SmolLM2's tokenizer needs neither the 517 MB teacher nor its 30 s conversion."""
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    spec = ModelSpec(config={"model_type": "llama", "vocab_size": 49152}, tokenizer=DEFAULT_TEACHER)
+    tokenizer = load_tokenizer(spec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{DEFAULT_TEACHER}-tokenizer"]
+    assert not any(p.suffix == ".safetensors" for p in (tmp_path / f"{DEFAULT_TEACHER}-tokenizer").iterdir())
+    reference = load_tokenizer(converted_teacher[1])  # the whole teacher's folder
+    text = "<|im_start|>user\nThe capital of France is<|im_end|>"
+    assert tokenizer(text).input_ids == reference(text).input_ids
+    assert (tokenizer.eos_token, tokenizer.pad_token_id) == (reference.eos_token, reference.pad_token_id) == ("<|im_end|>", 2)
+    assert tokenizer.chat_template == reference.chat_template
+    models_dir, folder, _ = converted_teacher
+    assert models.default_tokenizer_dir(models_dir) == folder  # a converted teacher serves its tokenizer
+
+
+@pytest.mark.slow
 def test_second_call_reuses_the_converted_folder(converted_teacher):
     models_dir, folder, _ = converted_teacher
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}

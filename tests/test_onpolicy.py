@@ -38,7 +38,7 @@ from helpers import (
 from reference import tiny_llama
 
 import distillens.onpolicy as onpolicy
-from distillens.cli import run_cli
+from distillens.lightning_cli import run_cli
 from distillens.data.collate import TrainingCollator, pad_sequences
 from distillens.models import LoraSpec, ModelSpec, is_lora
 from distillens.module import DistillationModule

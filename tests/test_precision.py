@@ -68,7 +68,7 @@ def test_the_cli_builds_the_trainer_in_fp32_on_an_avx2_cpu(cpu, tmp_path, monkey
     import sys
     from unittest import mock
 
-    from distillens.cli import DistillensCLI, DistillensParser
+    from distillens.lightning_cli import DistillensCLI, DistillensParser
     from distillens.data import InstructionDataModule
     from distillens.module import DistillationModule
 

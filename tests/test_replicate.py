@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from distillens.cli import run_cli
+from distillens.lightning_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "replicate"

@@ -36,7 +36,8 @@ from reference import (
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from distillens.cli import main, run_cli
+from distillens.cli import main
+from distillens.lightning_cli import run_cli
 from distillens.models import ModelSpec
 from distillens.resume import check_resumable
 

@@ -21,7 +21,7 @@ import torch
 from helpers import build_tiny_module, checkpoint_every_step, tiny_fit_config, write_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from distillens.cli import run_cli
+from distillens.lightning_cli import run_cli
 from distillens.module import DistillationModule
 from distillens.objective import LayerPairs, LossConfig
 from distillens.sampling import LensDraw, draw_lens_subset, draw_seed
