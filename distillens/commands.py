@@ -60,7 +60,7 @@ def run_command(name: str, args: list[str]) -> None:
     function = COMMANDS[name].function
     options = command_parser(name).parse_args(earlier_spellings(args, function))
     result = function(**options.as_dict())
-    print(command.done.format(*(result if isinstance(result, tuple) else (result,))))
+    print(COMMANDS[name].done.format(*(result if isinstance(result, tuple) else (result,))))
 
 
 def earlier_spellings(args: list[str], function: Callable) -> list[str]:

@@ -227,7 +227,8 @@ def load_student(spec: str, teacher: PreTrainedModel) -> tuple[PreTrainedModel, 
     """A student from a `distillens fit` checkpoint (.ckpt), `layers:i,j,...` of the teacher, or a model source,
     and the checkpoint if it came from one (its run's layer pairs and data settings)."""
     if spec.endswith(".ckpt"):
-        return student_and_checkpoint(spec)
+        student, checkpoint = student_and_checkpoint(spec)
+        return student.float(), checkpoint  # compared with the fp32 teacher, whatever precision trained it
     if spec.startswith(LAYERS_PREFIX):
         text = spec.removeprefix(LAYERS_PREFIX)
         try:

@@ -39,14 +39,6 @@ log = logging.getLogger(__name__)
 STUDENT_PREFIX = "student."
 
 
-def student_from_checkpoint(
-    checkpoint_path: str | Path, *, keep_adapter: bool = False
-) -> tuple[PreTrainedModel | PeftModel, dict]:
-    """The student model of a checkpoint and the checkpoint's hparams (see `student_and_checkpoint`)."""
-    student, checkpoint = student_and_checkpoint(checkpoint_path, keep_adapter=keep_adapter)
-    return student, checkpoint.get("hyper_parameters", {})
-
-
 def student_and_checkpoint(
     checkpoint_path: str | Path, *, keep_adapter: bool = False
 ) -> tuple[PreTrainedModel | PeftModel, dict]:
@@ -54,7 +46,9 @@ def student_and_checkpoint(
 
     A full student is built from the architecture the checkpoint records; a LoRA student from its source plus the
     checkpoint's adapters, returned merged (a plain model) unless ``keep_adapter``. The checkpoint is read with
-    ``weights_only=True``: it holds tensors and plain values only.
+    ``weights_only=True``: it holds tensors and plain values only. The student is rebuilt in the dtype its
+    checkpoint holds (bf16 after a ``bf16-true`` run), as training ran it: a LoRA base is then the one the adapters
+    were trained on, fingerprint included, and the merge rounds as the end-of-fit export's did.
     """
     path = Path(checkpoint_path)
     checkpoint = load_checkpoint(path)
@@ -66,17 +60,23 @@ def student_and_checkpoint(
         for k, v in checkpoint["state_dict"].items()
         if k.startswith(STUDENT_PREFIX)
     }
+    dtype = trained_dtype(state)
     if (hparams.get("student") or {}).get("lora") is None:
         config = dict(checkpoint["student_config"])
         student = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
-        student.load_state_dict(state, strict=True)
+        student.to(dtype).load_state_dict(state, strict=True)
         return student.eval(), checkpoint
     if any("lora_" not in key for key in state):  # base weights saved too (a student from a random config)
         student = _student_from_config(checkpoint["student_config"], hparams["student"]["lora"])
-        student.load_state_dict(state, strict=True)
+        student.to(dtype).load_state_dict(state, strict=True)
     else:
-        student = _lora_student(checkpoint, state, path)
+        student = _lora_student(checkpoint, state, path, dtype)
     return (student if keep_adapter else merged_copy(student)).eval(), checkpoint
+
+
+def trained_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype a checkpoint's student weights are in: the one its run trained them in."""
+    return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
 
 
 def _student_from_config(config: dict, lora: dict) -> PeftModel:
@@ -85,9 +85,11 @@ def _student_from_config(config: dict, lora: dict) -> PeftModel:
     return add_lora(model, LoraSpec(**lora))
 
 
-def _lora_student(checkpoint: dict, adapters: dict[str, torch.Tensor], path: Path) -> PeftModel:
-    """The student rebuilt from its source (and teacher, for a layer subset) with the checkpoint's adapters, once
-    the rebuilt base is known to be the one they were trained on."""
+def _lora_student(
+    checkpoint: dict, adapters: dict[str, torch.Tensor], path: Path, dtype: torch.dtype
+) -> PeftModel:
+    """The student rebuilt from its source (and teacher, for a layer subset) in ``dtype``, with the checkpoint's
+    adapters, once the rebuilt base is known to be the one they were trained on."""
     hparams = checkpoint.get("hyper_parameters", {})
     spec = ModelSpec(**hparams["student"])
     teacher_spec = hparams.get("teacher")
@@ -96,7 +98,7 @@ def _lora_student(checkpoint: dict, adapters: dict[str, torch.Tensor], path: Pat
         if spec.init_from_teacher_layers is not None and teacher_spec
         else None
     )
-    student = load_model(spec, teacher=teacher)
+    student = load_model(spec, teacher=teacher).to(dtype)
     base = lora_base_description(spec, ModelSpec(**teacher_spec) if teacher_spec else None)
     check_lora_base(path, checkpoint, weights_fingerprint(frozen_parameters(student)), base)
     try:

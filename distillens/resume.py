@@ -67,25 +67,44 @@ def fixed_changes(changes: Mapping[str, tuple[Any, Any]], saved: Mapping, given:
     return fixed
 
 
-def check_resumable(path: Path, saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, tuple]:
-    """Raise one line when the checkpoint cannot be loaded into the configured models; else return the changes."""
+SHOWN_CHANGES = 3
+"""How many refused changes the error line spells out; the rest are counted."""
+SHOWN_VALUE = 40
+"""Characters of a value the error line shows (a whole model config would make it a page)."""
+
+
+def check_resumable(
+    path: Path, saved: Mapping[str, Any], given: Mapping[str, Any], stage: str = "fit"
+) -> dict[str, tuple]:
+    """Raise one short line when the checkpoint cannot be loaded into the configured models; else return the
+    changes. ``stage``: fit resumes the run; validate and test evaluate its checkpoint."""
     changes = changed_settings(saved, given)
-    fixed = fixed_changes(changes, saved, given)
+    fixed = sorted(fixed_changes(changes, saved, given), key=lambda name: (name.count("."), name))  # source first
     if fixed:
         differences = "; ".join(
-            f"{name}: {changes[name][0]!r} there, {changes[name][1]!r} here" for name in fixed
+            f"{name}: {shortened(changes[name][0])} there, {shortened(changes[name][1])} here"
+            for name in fixed[:SHOWN_CHANGES]
         )
-        raise ValueError(
-            f"{path}: was trained with other models than this config builds ({differences}); resume with the "
-            "run's own model settings, or start a new run without --ckpt_path"
+        more = f"; and {len(fixed) - SHOWN_CHANGES} more" if len(fixed) > SHOWN_CHANGES else ""
+        remedy = (
+            "resume with the run's own model settings, or start a new run without --ckpt_path"
+            if stage == "fit"
+            else f"{stage} it with the model settings of the run that saved it (the config it was trained with)"
         )
+        raise ValueError(f"{path}: was trained with other models than this config builds ({differences}{more}); {remedy}")
     return changes
 
 
-def describe_changes(path: Path, changes: Mapping[str, tuple[Any, Any]]) -> str:
+def shortened(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= SHOWN_VALUE else text[: SHOWN_VALUE - 3] + "..."
+
+
+def describe_changes(path: Path, changes: Mapping[str, tuple[Any, Any]], stage: str = "fit") -> str:
     """One line: which settings differ from the checkpoint's, which now apply."""
     listed = ", ".join(f"{name} {before!r} -> {after!r}" for name, (before, after) in changes.items())
-    return f"resuming from {path} with changed settings: {listed}"
+    doing = "resuming from" if stage == "fit" else f"{stage.removesuffix('e')}ing"
+    return f"{doing} {path} with changed settings: {listed}"
 
 
 def saved_hyper_parameters(path: Path) -> dict[str, Any]:
@@ -102,6 +121,36 @@ def last_checkpoint(trainer) -> Path | None:
     """The newest ``last*.ckpt`` of the trainer's checkpoint callbacks: what Lightning's ``last`` means."""
     found = [Path(p) for cb in _model_checkpoints(trainer) for p in cb._find_last_checkpoints(trainer)]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def best_checkpoint(trainer, stage: str) -> Path:
+    """What ``--ckpt_path best`` means in a new process: the best checkpoint the run's newest state records.
+
+    Lightning knows the best checkpoint only within the fit that saved it (a fresh ``validate`` has none); the
+    ModelCheckpoint state in the newest ``last*.ckpt`` names it. A run folder that was moved still has the file
+    under its old name beside ``last.ckpt``.
+    """
+    if stage == "fit":
+        raise ValueError(
+            "--ckpt_path best: fit goes on from the newest state (--ckpt_path last) or a file; best is for "
+            "validate and test"
+        )
+    newest = last_checkpoint(trainer)
+    if newest is None:
+        where = ", ".join(str(folder) for folder in checkpoint_folders(trainer)) or "(no ModelCheckpoint callback)"
+        raise ValueError(f"--ckpt_path best: no last*.ckpt in {where} records a best checkpoint; nothing to {stage}")
+    states = (load_checkpoint(newest, mmap=True).get("callbacks") or {}).values()
+    named = [Path(state["best_model_path"]) for state in states if state.get("best_model_path")]
+    if not named:
+        raise ValueError(
+            f"--ckpt_path best: {newest} records no best checkpoint (its ModelCheckpoint monitors nothing); "
+            "name a checkpoint file"
+        )
+    for path in (named[0], newest.parent / named[0].name):
+        if path.is_file():
+            log.info("--ckpt_path best: %s", path)
+            return path
+    raise FileNotFoundError(f"--ckpt_path best: {newest} names {named[0]}, which is gone")
 
 
 def adopt_last_checkpoints(trainer) -> None:
@@ -154,12 +203,14 @@ def resolve_checkpoint(trainer, ckpt_path: str | None, given: Mapping[str, Any],
             log.info("--ckpt_path last: no last*.ckpt in %s yet; training starts from step 0", where)
             return None
         ckpt_path = str(found)
+    elif ckpt_path == "best":
+        ckpt_path = str(best_checkpoint(trainer, stage))
     elif ckpt_path is None or ckpt_path in LIGHTNING_CKPT_NAMES or ckpt_path.startswith("registry:"):
         return ckpt_path  # Lightning's to resolve
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-    changes = check_resumable(path, saved_hyper_parameters(path), given)
+    changes = check_resumable(path, saved_hyper_parameters(path), given, stage)
     if changes:
-        log.info(describe_changes(path, changes))
+        log.info(describe_changes(path, changes, stage))
     return str(path)

@@ -23,6 +23,7 @@ from unittest import mock
 
 import lightning as L
 import pytest
+from safetensors.torch import load_file
 import torch
 from helpers import subprocess_env
 from peft import AutoPeftModelForCausalLM, PeftModel
@@ -441,6 +442,22 @@ def test_export_command_merges_by_default_and_writes_the_adapter_on_request(runs
     base = load_model(ModelSpec(source=str(model_dir / "student")))
     adapter = PeftModel.from_pretrained(base, tmp_path / "adapter")
     torch.testing.assert_close(logits(adapter, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [LORA, None], ids=["lora", "full"])
+def test_both_exports_of_a_bf16_true_run_are_the_same_model(lora, model_dir, tmp_path):
+    """The end-of-fit export and `distillens export` of the run's checkpoint: same dtype, same tensors."""
+    trainer, _, _ = fit(
+        model_dir, max_steps=2, export=tmp_path / "at_fit_end", lora=lora, precision="bf16-true"
+    )  # fmt: skip
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    main(["export", str(tmp_path / "run.ckpt"), str(tmp_path / "from_checkpoint")])
+    at_fit_end = load_file(tmp_path / "at_fit_end" / "model.safetensors")
+    from_checkpoint = load_file(tmp_path / "from_checkpoint" / "model.safetensors")
+    assert at_fit_end.keys() == from_checkpoint.keys()
+    for name, tensor in at_fit_end.items():
+        assert tensor.dtype == from_checkpoint[name].dtype == torch.bfloat16, name
+        assert torch.equal(tensor, from_checkpoint[name]), name
 
 
 def test_adapter_only_export_of_a_full_student_is_refused(runs, tmp_path):

@@ -39,7 +39,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from distillens.cli import main
 from distillens.lightning_cli import run_cli
 from distillens.models import ModelSpec
-from distillens.resume import check_resumable
+from distillens.resume import changed_settings, check_resumable
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "instructions"
@@ -316,6 +316,26 @@ def test_a_resume_with_another_teacher_is_refused_naming_the_field(change, named
     assert check_resumable(Path("run/last.ckpt"), saved, loss_only) == {"model.loss.kd_weight": (1.0, 0.5)}
 
 
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_evaluating_a_checkpoint_of_other_models_is_one_short_line_for_that_stage(stage):
+    """Another student whose whole config differs: three changes spelt out, the rest counted, long values cut; the
+    remedy is the stage's, not a resume's."""
+    saved = model_settings(tiny_llama(4, 48))
+    other = ModelSpec(
+        config={"model_type": "gpt2", "vocab_size": 49152, "n_embd": 64, "n_layer": 3, "n_head": 4},
+        tokenizer="a-tokenizer-folder-with-a-rather-long-name-indeed",
+    )
+    given = {**saved, "student": asdict(other)}
+    with pytest.raises(ValueError) as refused:
+        check_resumable(Path("run/last.ckpt"), saved, given, stage)
+    line = str(refused.value)
+    changed = len(changed_settings(saved, given))
+    assert "\n" not in line and len(line) < 500, line
+    assert f"; and {changed - 3} more);" in line and "resume" not in line
+    assert line.endswith(f"{stage} it with the model settings of the run that saved it (the config it was trained with)")
+    assert "'a-tokenizer-folder-with-a-rather-lon..." in line or line.count("...") >= 1
+
+
 def test_ckpt_path_last_without_a_checkpoint_says_where_it_looked_and_starts_fresh(
     tmp_path, cache_dir, capsys
 ):
@@ -456,6 +476,23 @@ def test_last_ckpt_stays_the_newest_state_after_a_resume_and_after_a_move(
     moved = tmp_path / "tiny" / "checkpoints"
     assert not list(moved.glob("last-v*.ckpt")), sorted(p.name for p in moved.iterdir())
     assert saved_step(moved / "last.ckpt") == 6
+
+
+def test_ckpt_path_best_is_the_lowest_validation_loss_of_the_run(tmp_path, cache_dir, capsys):
+    """Validations at steps 3 and 6; ModelCheckpoint keeps the step<N>-val<loss>.ckpt of lower val/loss beside
+    last.ckpt: `validate --ckpt_path best` in a new process uses it (found through last.ckpt's callback state, not
+    last.ckpt itself); fit refuses best in one line."""
+    config = shipped_config(tmp_path, cache_dir, 6)
+    fit(config)
+    (best,) = (tmp_path / "tiny" / "checkpoints").glob("step*-val*.ckpt")
+    capsys.readouterr()
+    with mock.patch.object(sys, "argv", ["distillens"]):
+        main(["validate", "--config", str(config), "--ckpt_path", "best"])
+    assert f"--ckpt_path best: {best}\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit), mock.patch.object(sys, "argv", ["distillens"]):
+        main(["fit", "--config", str(config), "--ckpt_path", "best"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("distillens: error: --ckpt_path best: fit goes on from the newest state")
 
 
 @pytest.mark.parametrize("where", ["loading the tokenizer", "building the models in fit"])
