@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -82,18 +82,17 @@ class LoraSpec:
 
 
 @dataclass
-class ModelSpec:
-    """A teacher or student as a config names it: where its weights come from, dtype and options.
+class TeacherSpec:
+    """The teacher as a config names it: where its weights come from, dtype and options.
 
-    Exactly one of source, config or init_from_teacher_layers says where the weights come from.
+    Exactly one of source or config says where the weights come from. A student's settings (`ModelSpec`) add what
+    only a trained model takes: a layer subset of the teacher and LoRA.
     """
 
     source: str | None = None
     """Hub id, local folder, path to a .gguf file, or "smollm2-135m-instruct" (the embedded default teacher)."""
     config: dict[str, Any] | None = None
     """A transformers config as a dict, with "model_type" (e.g. "llama", "gpt2"): a randomly initialised model."""
-    init_from_teacher_layers: list[int] | None = None
-    """Student only: copy these teacher blocks (0-based, increasing) plus its embeddings, final norm and head."""
     tokenizer: str | None = None
     """Where the tokenizer comes from when it is not `source` (same forms as `source`)."""
     dtype: DtypeName = "float32"
@@ -107,34 +106,71 @@ class ModelSpec:
     adapter: str | None = None
     """A PEFT adapter (local folder with adapter_config.json, or hub id) merged into the weights at load, e.g. the
     teacher's Dolly-SFT LoRA adapter of the paper's Qwen setup."""
-    lora: LoraSpec | None = None
-    """Student only: train LoRA adapters (r, alpha, dropout, target_modules) instead of every weight; only the
-    adapters are trained and checkpointed. None trains every weight."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):  # the form checkpoints' hyper-parameters store
-            self.lora = LoraSpec(**self.lora)
-        origins = [
-            self.source is not None,
-            self.config is not None,
-            self.init_from_teacher_layers is not None,
-        ]
-        if sum(origins) != 1:
-            raise ValueError(
-                "ModelSpec: set exactly one of source, config or init_from_teacher_layers "
-                f"(got source={self.source!r}, config={'set' if self.config else None}, "
-                f"init_from_teacher_layers={self.init_from_teacher_layers})"
+        origins = {name: getattr(self, name) for name in self.origin_fields()}
+        if sum(value is not None for value in origins.values()) != 1:
+            got = ", ".join(
+                f"{name}={'set' if name == 'config' and value else value!r}" for name, value in origins.items()
             )
+            names = ", ".join(origins).rsplit(", ", 1)
+            raise ValueError(f"{type(self).__name__}: set exactly one of {' or '.join(names)} (got {got})")
         if self.dtype not in get_args(DtypeName):
             raise ValueError(
-                f"ModelSpec.dtype={self.dtype!r}: expected one of {', '.join(get_args(DtypeName))}"
+                f"{type(self).__name__}.dtype={self.dtype!r}: expected one of {', '.join(get_args(DtypeName))}"
             )
+
+    @classmethod
+    def origin_fields(cls) -> tuple[str, ...]:
+        """The fields that say where the weights come from; exactly one is set."""
+        return ("source", "config")
 
     @property
     def tokenizer_source(self) -> str | None:
         """Where the tokenizer comes from: `tokenizer` if set, else `source` (None for a config or layer subset
         without a `tokenizer`: the teacher's is used then)."""
         return self.tokenizer or self.source
+
+
+@dataclass
+class ModelSpec(TeacherSpec):
+    """The student as a config names it: where its weights come from, dtype, options and LoRA.
+
+    Exactly one of source, config or init_from_teacher_layers says where the weights come from.
+    """
+
+    init_from_teacher_layers: list[int] | None = None
+    """Copy these teacher blocks (0-based, increasing) plus its embeddings, final norm and head."""
+    lora: LoraSpec | None = None
+    """Train LoRA adapters (r, alpha, dropout, target_modules) instead of every weight; only the adapters are
+    trained and checkpointed. None trains every weight."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # the form checkpoints' hyper-parameters store
+            self.lora = LoraSpec(**self.lora)
+        super().__post_init__()
+
+    @classmethod
+    def origin_fields(cls) -> tuple[str, ...]:
+        return ("source", "config", "init_from_teacher_layers")
+
+
+STUDENT_ONLY = ("init_from_teacher_layers", "lora")
+"""ModelSpec's fields that a teacher (frozen, whole) does not take."""
+
+
+def teacher_model_spec(teacher: TeacherSpec | dict) -> ModelSpec:
+    """The teacher's settings as the ModelSpec the loaders take; one line for a student-only setting (a
+    ModelSpec passed in code, or a checkpoint's hyper-parameters, which record those fields unset)."""
+    settings = asdict(teacher) if not isinstance(teacher, dict) else dict(teacher)
+    if settings.get("lora") is not None:
+        raise ValueError(
+            "model.teacher.lora: the teacher is frozen and never trained; fold a trained adapter into it with "
+            "model.teacher.adapter instead"
+        )
+    if settings.get("init_from_teacher_layers") is not None:
+        raise ValueError("model.teacher.init_from_teacher_layers: a teacher is built whole (source or config)")
+    return ModelSpec(**settings)
 
 
 @dataclass(frozen=True)

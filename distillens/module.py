@@ -38,6 +38,7 @@ from distillens.distributed import is_sharded, shard_models, sharding_options
 from distillens.evaluation import GenerationSettings, generation_config, several_ranks
 from distillens.models import (
     ModelSpec,
+    TeacherSpec,
     check_hub_sources,
     check_same_vocabulary,
     check_sequence_fits,
@@ -48,6 +49,7 @@ from distillens.models import (
     lora_base_description,
     position_limit,
     rebuildable,
+    teacher_model_spec,
 )
 from distillens.objective import LayerPairs, LossConfig, Objective, Terms, token_means
 from distillens.onpolicy import (
@@ -85,7 +87,7 @@ class DistillationModule(L.LightningModule):
     def __init__(
         self,
         student: ModelSpec,
-        teacher: ModelSpec | None = None,
+        teacher: TeacherSpec | None = None,
         loss: LossConfig | None = None,
         layers: LayerPairs | None = None,
         optimizer: OptimizerConfig | None = None,
@@ -94,7 +96,7 @@ class DistillationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.student_spec = _as(ModelSpec, student)
-        self.teacher_spec = _as(ModelSpec, teacher) if teacher is not None else None
+        self.teacher_spec = teacher_model_spec(teacher) if teacher is not None else None
         self.loss_config = _as(LossConfig, loss or LossConfig())
         self.layer_pairs = _as(LayerPairs, layers or LayerPairs())
         self.optimizer_config = _as(OptimizerConfig, optimizer or OptimizerConfig())
@@ -102,11 +104,6 @@ class DistillationModule(L.LightningModule):
         self.on_policy = _as(OnPolicyConfig, on_policy or OnPolicyConfig())
         self.loss_config.check(has_teacher=self.teacher_spec is not None)
         self.on_policy.check(self.teacher_spec is not None, self.loss_config.reads_teacher)
-        if self.teacher_spec is not None and self.teacher_spec.lora is not None:
-            raise ValueError(
-                "model.teacher.lora: the teacher is frozen and never trained; fold a trained adapter into it with "
-                "model.teacher.adapter instead"
-            )
         # plain dicts and lists: checkpoints load with torch.load(weights_only=True), hparams.yaml with safe_load
         self.save_hyperparameters(
             json.loads(json.dumps({

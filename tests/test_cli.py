@@ -35,6 +35,7 @@ from distillens.cli import main
 from distillens.lightning_cli import run_cli
 from distillens.console import error_line
 from distillens.evaluation import GenerationSettings
+from distillens.models import STUDENT_ONLY, TeacherSpec
 from distillens.module import DistillationModule
 from distillens.objective import LayerPairs, LossConfig
 from distillens.optimization import OptimizerConfig
@@ -336,6 +337,7 @@ def attribute_docstrings(cls) -> dict[str, str]:
         ("layers", LayerPairs),
         ("optimizer", OptimizerConfig),
         ("generation", GenerationSettings),
+        ("teacher", TeacherSpec),
     ],
 )
 def test_fit_help_documents_every_field_of_the_models_settings(group, cls, capsys, monkeypatch):
@@ -349,6 +351,12 @@ def test_fit_help_documents_every_field_of_the_models_settings(group, cls, capsy
     for name, doc in docs.items():
         assert f"--model.{group}.{name} " in text, f"--model.{group}.{name} missing"
         assert doc[:60] in text, f"--model.{group}.{name}: help does not show {doc[:60]!r}"
+
+
+def test_the_teachers_help_offers_no_student_only_setting(capsys):
+    code, out, _ = run_in_process(["fit", "--model.teacher.help", "TeacherSpec"], capsys)
+    assert code == 0 and "--model.teacher.adapter" in out
+    assert not [name for name in STUDENT_ONLY if name in out] and "Student only" not in out
 
 
 def test_print_config_shows_overrides(capsys, tmp_path):
