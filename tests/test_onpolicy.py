@@ -101,6 +101,14 @@ def test_rebuilt_batch_supervises_the_answers_up_to_and_including_eos():
     assert int((batch["labels"] != -100).sum()) == 3 + 1 + 6
 
 
+def test_the_collator_keeps_each_prompt_length_and_on_policy_needs_it():
+    batch = collated(PROMPTS, RESPONSES)
+    assert batch["prompt_lengths"].tolist() == [len(prompt) for prompt in PROMPTS]
+    del batch["prompt_lengths"]  # a batch built by hand, without them
+    with pytest.raises(ValueError, match="each row's prompt length: batch key 'prompt_lengths'"):
+        left_padded_prompts(batch, PAD)
+
+
 def test_packed_or_left_padded_rows_are_refused():
     batch = collated(PROMPTS, RESPONSES)
     with pytest.raises(ValueError, match="right-padded"):
