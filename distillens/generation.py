@@ -134,8 +134,8 @@ def generate_ids(
 ) -> torch.Tensor:
     """The new token ids of a batch of LEFT-padded prompts, (B, new): what follows a row's first eos is padding.
 
-    The common core of evaluation (``generate``, which decodes them) and of on-policy training (``onpolicy``, which
-    supervises them). With a ``seed``, samples are reproducible and the caller's RNG state is left untouched; the
+    The common core of answering (``generate`` and ``evaluation.GenerationEvaluator``, which decode them) and of
+    on-policy training (``onpolicy``, which supervises them). With a ``seed``, samples are reproducible and the caller's RNG state is left untouched; the
     model runs in eval mode and gets its previous mode back. ``synced_gpus=True`` keeps every rank stepping until
     all ranks are done, which a sharded (FSDP) model needs: each of its forwards is a collective, and a rank that
     stopped early would leave the others waiting forever.
