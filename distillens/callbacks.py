@@ -18,17 +18,12 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from distillens.diagnostics import lens_diagnostics, plot_lens_diagnostics
-from distillens.evaluation import (
-    GenerationEvaluator,
-    GenerationSettings,
-    eval_mode,
-    metric_values,
-    results_markdown,
-    shard_loader,
-    write_results,
-)
+from distillens.evaluation import GenerationEvaluator, GenerationSettings
+from distillens.generation import eval_mode
 from distillens.lens import LogitLens
 from distillens.objective import token_means
+from distillens.records import shard_loader
+from distillens.results import metric_values, results_markdown, write_results
 from distillens.resume import adopt_last_checkpoints, checkpoint_folders, save_as_last
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from distillens.data import InstructionDataModule
-from distillens.evaluation import eval_mode
 from distillens.export import student_and_checkpoint
+from distillens.generation import eval_mode
 from distillens.lens import LogitLens
 from distillens.losses import IGNORE_INDEX, get_token_divergence, log_probs
 from distillens.models import ModelSpec, check_same_vocabulary, load_model, load_tokenizer

@@ -6,12 +6,9 @@ Layout, for the student and the frozen teacher alike (README, "Scaling out"):
 - the root unit holds the rest: embeddings, final norm and unembedding (a tied unembedding is the embedding, so the
   two must share a unit: FSDP2 refuses a parameter managed by two units).
 
-The logit lens needs the full final norm and unembedding *outside* the model's own forward. ``gathered(...)``
-wraps the loss: FSDP's public ``unshard()`` all-gathers each root unit and registers its parameters on their modules
-as plain tensors. The chunked lens then differentiates through ordinary parameters; its gradients land on those
-unsharded parameters next to the embedding's own, and FSDP's end-of-backward callback reduce-scatters them all,
-exactly as if the head had run inside the forward. The teacher never sees a backward, so its root is resharded as
-soon as the loss is computed; ``offload_teacher`` keeps its shards in CPU memory between uses.
+The logit lens needs the full final norm and unembedding *outside* the model's own forward: ``sharding.gathered``
+(plain torch, so that the objective loads no Lightning) all-gathers each root unit around the loss.
+``offload_teacher`` keeps the teacher's shards in CPU memory between uses.
 
 FSDP averages gradients over ranks like DDP, so the module's token-count normalisation (sum / (A * W) times
 A * W / N) is unchanged. Checkpoints are distributed (a folder, one shard file per rank, teacher excluded); a full
@@ -21,9 +18,7 @@ student is gathered for export by ``consolidated_model``. To turn a checkpoint f
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -34,10 +29,11 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distillens.models import add_lora, is_lora
+from distillens.sharding import is_sharded
 from distillens.structure import blocks_of
 
 
@@ -135,30 +131,6 @@ def shard_model(
     for block in blocks_of(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
     fully_shard(model, mesh=mesh, **policy)  # the root stays gathered after forward: its backward needs it
-
-
-def is_sharded(model: nn.Module | None) -> bool:
-    """Whether ``fully_shard`` was applied to the model (its parameters are DTensor shards outside forward)."""
-    return isinstance(model, FSDPModule)
-
-
-@contextlib.contextmanager
-def gathered(*models: nn.Module | None) -> Iterator[None]:
-    """Full parameters of each sharded model's root unit (final norm, unembedding) for the span of the block.
-
-    On exit a root that no backward will use (frozen, or under ``no_grad``) is resharded to free its memory; a
-    trained root stays gathered until FSDP's backward has reduce-scattered its gradients and resharded it.
-    Unsharded models pass through untouched.
-    """
-    roots = [model for model in models if is_sharded(model)]
-    for root in roots:
-        root.unshard()
-    try:
-        yield
-    finally:
-        for root in roots:
-            if not (torch.is_grad_enabled() and any(p.requires_grad for p in root.parameters())):
-                root.reshard()
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

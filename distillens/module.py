@@ -34,8 +34,9 @@ from transformers import PreTrainedModel
 
 from distillens.callbacks import CheckpointOnInterrupt, GenerationEvaluation
 from distillens.checkpoints import LORA_BASE, check_lora_base, weights_fingerprint
-from distillens.distributed import is_sharded, shard_models, sharding_options
-from distillens.evaluation import GenerationSettings, generation_config, several_ranks
+from distillens.distributed import shard_models, sharding_options
+from distillens.evaluation import GenerationSettings
+from distillens.generation import several_ranks
 from distillens.models import (
     ModelSpec,
     TeacherSpec,
@@ -53,9 +54,7 @@ from distillens.models import (
 )
 from distillens.objective import LayerPairs, LossConfig, Objective, Terms, token_means
 from distillens.onpolicy import (
-    CHOICE_STREAM,
     REFERENCE,
-    SAMPLING_STREAM,
     STUDENT,
     OnPolicyConfig,
     RolloutWindow,
@@ -64,10 +63,8 @@ from distillens.onpolicy import (
     roll_out,
 )
 from distillens.optimization import OptimizerConfig, adamw_with_schedule, apply_settings
-from distillens.sampling import draw_seed
-
-DROPOUT_STREAM = 3
-"""The seed stream of the training forward pass's dropout (the lens draw uses none, on-policy draws 1 and 2)."""
+from distillens.sampling import CHOICE_STREAM, DROPOUT_STREAM, LENS_STREAM, SAMPLING_STREAM, draw_seed
+from distillens.sharding import is_sharded
 
 
 class DistillationModule(L.LightningModule):
@@ -220,7 +217,7 @@ class DistillationModule(L.LightningModule):
         """The objective's terms on one batch: in training the weighted ones (the lens maybe sampled), else all."""
         seed = 0
         if self.training and self.objective.samples_lens:  # the same draw on every rank, and again on resume
-            seed = self._draw_seed()
+            seed = self._draw_seed(*LENS_STREAM)
         return self.objective(batch, training=self.training, draw_seed=seed)
 
     def _draw_seed(self, *stream: int) -> int:
@@ -267,12 +264,9 @@ class DistillationModule(L.LightningModule):
         if source == REFERENCE:
             self.rollouts.add(source, None)
             return batch
-        settings = self.on_policy
-        config = generation_config(
-            self.tokenizer, settings.max_new_tokens, True, settings.top_k, settings.top_p, settings.temperature
-        )  # fmt: skip
         rollout = roll_out(
-            self.student if source == STUDENT else self.teacher, batch, config, source=source,
+            self.student if source == STUDENT else self.teacher, batch, self.on_policy.generation(self.tokenizer),
+            source=source,
             seed=self._draw_seed(SAMPLING_STREAM, self.global_rank),
             synced_gpus=several_ranks(),
         )  # fmt: skip

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillens.distributed import gathered
 from distillens.lens import LogitLens, lens_loss, naive_lens_loss, projected_divergence
 from distillens.losses import HAS_REFERENCE, IGNORE_INDEX, check_divergence_params, masked_mse
 from distillens.sampling import LensDraw, check_sampling, draw_lens_subset, exact_draw
+from distillens.sharding import gathered
 
 log = logging.getLogger(__name__)
 

@@ -25,19 +25,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from distillens.data.collate import TrainingCollator, pad_sequences, position_ids_from_mask
-from distillens.evaluation import generate_ids, several_ranks
-from distillens.losses import HAS_REFERENCE, IGNORE_INDEX
+from distillens.data.collate import PROMPT_LENGTHS, TrainingCollator, pad_sequences, position_ids_from_mask
+from distillens.generation import generate_ids, generation_config, several_ranks
+from distillens.losses import HAS_REFERENCE
 
 REFERENCE, STUDENT, TEACHER = "reference", "student", "teacher"
 """Who wrote a micro-batch's responses: the data set, the student (on-policy) or the teacher (sequence-level KD)."""
 SOURCES = (REFERENCE, STUDENT, TEACHER)
-CHOICE_STREAM = 1
-"""``sampling.draw_seed`` stream of the choice of a micro-batch's source (0 is the sampled lens's)."""
-SAMPLING_STREAM = 2
-"""``sampling.draw_seed`` stream of the answers' sampling, followed by the rank."""
 
 
 @dataclass
@@ -98,11 +94,17 @@ class OnPolicyConfig:
                 "and top_p in (0, 1]"
             )
 
+    def generation(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+        """The transformers settings of the answers: sampled with these filters, eos and pad from ``tokenizer``."""
+        return generation_config(
+            tokenizer, self.max_new_tokens, True, self.top_k, self.top_p, self.temperature
+        )  # fmt: skip
+
 
 def choose_source(config: OnPolicyConfig, seed: int, step: int = 0) -> str:
     """Who writes this micro-batch's responses: one uniform draw u under ``seed`` (``sampling.draw_seed`` of the
-    run seed, step, micro-batch and ``CHOICE_STREAM``): the student if u < student_fraction, the teacher if
-    u < student_fraction + teacher_fraction, else the data set. Nothing is drawn when both fractions are 0 or
+    run seed, step, micro-batch and ``sampling.CHOICE_STREAM``): the student if u < student_fraction, the teacher
+    if u < student_fraction + teacher_fraction, else the data set. Nothing is drawn when both fractions are 0 or
     before optimizer step ``config.start_step``."""
     if not config.enabled or step < config.start_step:
         return REFERENCE
@@ -143,11 +145,13 @@ def check_same_draw(source: str, run_seed: int, step: int, micro_batch: int, dev
 
 
 def prompt_lengths(batch: dict[str, Tensor]) -> Tensor:
-    """(B,) each right-padded row's prompt length: its leading run of IGNORE_INDEX labels (the whole row when
-    nothing is supervised)."""
-    supervised = batch["labels"] != IGNORE_INDEX  # (B, T)
-    first = supervised.int().argmax(dim=1)  # (B,) first supervised position (0 when there is none)
-    return torch.where(supervised.any(dim=1), first, batch["attention_mask"].sum(dim=1))  # (B,)
+    """(B,) each row's prompt length, as ``TrainingCollator`` recorded it in the batch."""
+    if PROMPT_LENGTHS not in batch:
+        raise ValueError(
+            f"on-policy training needs each row's prompt length: batch key {PROMPT_LENGTHS!r}, which "
+            "TrainingCollator (data/collate.py) writes"
+        )
+    return batch[PROMPT_LENGTHS]  # (B,)
 
 
 def left_padded_prompts(batch: dict[str, Tensor], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -54,13 +54,24 @@ def check_sampling(pairs_per_step: int | None, token_fraction: float) -> None:
         raise ValueError(f"loss.lens_token_fraction={token_fraction}: use a fraction in (0, 1]")
 
 
+# The draw-seed streams: every independent draw of one micro-batch, each named once here so that no two share a seed.
+LENS_STREAM: tuple[int, ...] = ()
+"""Stream 0, the sampled lens's pairs and tokens: the bare (run seed, step, micro-batch) words, no stream word."""
+CHOICE_STREAM = 1
+"""Who writes the micro-batch's responses (``onpolicy.choose_source``): the same on every rank."""
+SAMPLING_STREAM = 2
+"""The sampling of the on-policy answers; followed by the rank."""
+DROPOUT_STREAM = 3
+"""The training forward pass's dropout masks; followed by the rank."""
+
+
 def draw_seed(seed: int, step: int, micro_batch: int, *stream: int) -> int:
     """A 63-bit seed mixed from (run seed, optimizer step, micro-batch index) by numpy's SeedSequence.
 
     Neighbouring steps get unrelated streams (unlike seed + step, which would make step s of seed 1 repeat step s+1
-    of seed 0). ``stream``: further non-negative words naming an independent draw of the same micro-batch (the
-    on-policy choice, a rank's sampling), so that two draws never share their random numbers; without them the
-    seed is the sampled lens's.
+    of seed 0). ``stream``: further non-negative words naming an independent draw of the same micro-batch (one of the
+    ``*_STREAM`` above, maybe followed by the rank), so that two draws never share their random numbers; without
+    them the seed is the sampled lens's (``LENS_STREAM``).
     """
     words = [seed % 2**63, step, micro_batch, *stream]
     state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rouge_score import rouge_scorer
 from torch import Tensor, nn
 
 # ------------------------------------------------------------------------------------------------ test data
@@ -291,3 +292,28 @@ def checkpoint_student(path: Path) -> dict[str, Tensor]:
     """The student's weights in a Lightning checkpoint of the DistillationModule (keys without ``student.``)."""
     state = torch.load(path, weights_only=True)["state_dict"]
     return {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+
+
+# ------------------------------------------------------------------------------------------------ scores
+
+PREDICTIONS = [
+    "The dog is running in the park.",
+    "She runs every morning before work",
+    "Paris is the capital of France",
+    "completely unrelated words here",
+]
+REFERENCES = [
+    ["A dog runs in a park."],
+    ["Every morning she went running.", "She ran before work each morning."],
+    ["The capital of France is Paris.", "paris"],
+    ["nothing in common", "zero overlap at all"],
+]
+
+
+def rouge_l_by_hand(predictions, references, *, use_stemmer=True):
+    """Per-example ROUGE-L F x100 straight from rouge_score: one `score` call per reference, Python max."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+    return [
+        100 * max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs)
+        for pred, refs in zip(predictions, references, strict=True)
+    ]

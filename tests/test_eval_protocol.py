@@ -17,14 +17,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillens.data import InstructionDataModule
-from distillens.evaluation import (
-    GenerationEvaluator,
-    GenerationSettings,
-    generate,
-    protocol_line,
-    results_markdown,
-)
+from distillens.evaluation import GenerationEvaluator, GenerationSettings
+from distillens.generation import generate
 from distillens.optimization import OptimizerConfig, warmup_cosine
+from distillens.results import protocol_line, results_markdown
 
 LONG = "word " * 40  # 40 GPT-2 tokens ("word" then " word" x 39) plus the template's
 

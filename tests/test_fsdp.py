@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from distillens.callbacks import ExportStudent
-from distillens.distributed import FSDP2Strategy, full_state_dict, is_sharded
+from distillens.distributed import FSDP2Strategy, full_state_dict
 from distillens.export import export_checkpoint
 from distillens.models import ModelSpec
 from distillens.module import DistillationModule
+from distillens.sharding import is_sharded
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2

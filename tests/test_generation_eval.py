@@ -20,25 +20,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from rouge_score import rouge_scorer
+from reference import rouge_l_by_hand
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from distillens import evaluation
 from distillens.lightning_cli import run_cli
 from distillens.data import GenerationCollator, IndexedRows
+from distillens.records import gather_records, records_from_batch, shard_loader
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "data" / "instructions"
 MAX_NEW_TOKENS = 8
-
-
-def rouge_l_by_hand(predictions: list[str], references: list[list[str]]) -> list[float]:
-    """ROUGE-L F x100 per example, best reference, straight from rouge_score."""
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [
-        100 * max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs)
-        for pred, refs in zip(predictions, references, strict=True)
-    ]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -250,17 +241,6 @@ def _validation_split(config: Path):
     return datamodule.splits["validation"]
 
 
-def test_generation_settings_reject_bad_values():
-    from distillens.evaluation import GenerationSettings
-
-    with pytest.raises(ValueError, match="every_n_val=-1"):
-        GenerationSettings(every_n_val=-1)
-    with pytest.raises(ValueError, match="generator='judge'"):
-        GenerationSettings(generator="judge")
-    with pytest.raises(ValueError, match="seeds is empty"):
-        GenerationSettings(seeds=[])
-
-
 # ----------------------------------------------------------------------------------------------- DDP gather
 
 
@@ -288,9 +268,9 @@ def _rank_gathers(rank: int, world_size: int, port: int, size: int, out: str) ->
             IndexedRows(rows), batch_size=2, collate_fn=GenerationCollator(0, "set")
         )
         records = []
-        for batch in evaluation.shard_loader(loader, rank, world_size):
-            records += evaluation.records_from_batch(batch, [f"{p} by rank {rank}" for p in batch["prompts"]])
-        gathered = evaluation.gather_records(records)
+        for batch in shard_loader(loader, rank, world_size):
+            records += records_from_batch(batch, [f"{p} by rank {rank}" for p in batch["prompts"]])
+        gathered = gather_records(records)
         Path(out, f"rank{rank}.json").write_text(json.dumps([dataclasses.asdict(r) for r in gathered]))
     finally:
         dist.destroy_process_group()

@@ -34,12 +34,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from distillens.callbacks import ExportStudent
 from distillens.cli import main
+from distillens.distributed import FSDP2Strategy, full_state_dict
 from distillens.lightning_cli import run_cli
-from distillens.distributed import FSDP2Strategy, full_state_dict, is_sharded
 from distillens.export import export_checkpoint
 from distillens.lens import LogitLens
 from distillens.models import LoraSpec, ModelSpec, add_lora, is_lora, load_model
 from distillens.module import DistillationModule
+from distillens.sharding import is_sharded
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-from distillens import evaluation, measures
+from distillens import measures
+from distillens.records import GenerationRecord
+from distillens.results import metric_values, results_markdown, score_records, summarize_runs
 
 REFERENCES = [
     ["Mars is known as the Red Planet."],
@@ -66,7 +68,7 @@ def _records(predictions, lengths=None, ended=None):
     lengths = lengths or [None] * len(predictions)
     ended = ended or [None] * len(predictions)
     return [
-        evaluation.GenerationRecord(i, f"q{i}", tuple(REFERENCES[i]), p, n, e)
+        GenerationRecord(i, f"q{i}", tuple(REFERENCES[i]), p, n, e)
         for i, (p, n, e) in enumerate(zip(predictions, lengths, ended, strict=True))
     ]
 
@@ -74,14 +76,14 @@ def _records(predictions, lengths=None, ended=None):
 def test_prompt_gap_against_rouge_score_tells_answers_from_filler():
     """Echoing each prompt's reference: a large gap; the same filler for every prompt: own and other's equal."""
     answers = [refs[0] for refs in REFERENCES]
-    scores = evaluation.score_records(_records(answers), ["rougeL"])
+    scores = score_records(_records(answers), ["rougeL"])
     other = [REFERENCES[j][0] for j in measures.derangement(4)]
     expected_other = np.mean([_rouge(a, o) for a, o in zip(answers, other, strict=True)])
     assert scores["rougeL"] == pytest.approx(100.0)
     assert scores["rougeL_other"] == pytest.approx(expected_other)
     assert scores["rougeL_gap"] == pytest.approx(100.0 - expected_other)
 
-    filler = evaluation.score_records(_records([FILLER] * 4), ["rougeL"])
+    filler = score_records(_records([FILLER] * 4), ["rougeL"])
     own = np.mean([_rouge(FILLER, refs[0]) for refs in REFERENCES])
     assert filler["rougeL"] == pytest.approx(own) and own > 0  # filler does score: "the", "of"
     assert filler["rougeL_gap"] == pytest.approx(
@@ -92,21 +94,21 @@ def test_prompt_gap_against_rouge_score_tells_answers_from_filler():
 
 def test_summarized_results_keep_per_prompt_scores_and_tabulate_gaps_and_diagnostics():
     runs = {"set": {10: _records([r[0] for r in REFERENCES], [5, 9, 9, 64], [True, True, True, False])}}
-    results = evaluation.summarize_runs(runs, ["rougeL"])
+    results = summarize_runs(runs, ["rougeL"])
     per_example = results["sets"]["set"]["per_example"]["10"]
     assert per_example["rougeL"] == pytest.approx([100.0] * 4)
     assert len(per_example["rougeL_other"]) == 4
     assert results["measures"][:3] == ["rougeL", "rougeL_other", "rougeL_gap"]
     assert results["sets"]["set"]["mean"]["eos"] == 75.0 and results["sets"]["set"]["mean"]["tokens"] == 21.75
-    table = evaluation.results_markdown(results)
+    table = results_markdown(results)
     assert "| prompt gap | rougeL own | rougeL other's | rougeL gap |" in table
     gap = results["sets"]["set"]["mean"]["rougeL_gap"]
     assert f"| set | 100.00 | {100 - gap:.2f} | {gap:.2f} |" in table
     assert "| set | 21.8 | 75.0 |" in table  # diagnostics: tokens, eos first
-    names = evaluation.metric_values(results)
+    names = metric_values(results)
     assert {"test/set/rougeL_gap", "test/set/eos", "test/set/distinct2"} <= set(names)
 
 
 def test_a_single_answer_has_no_prompt_gap():
-    scores = evaluation.score_records(_records(["Mars"]), ["rougeL"])
+    scores = score_records(_records(["Mars"]), ["rougeL"])
     assert "rougeL_other" not in scores and "rougeL_gap" not in scores and scores["rougeL"] > 0

@@ -54,7 +54,7 @@ from distillens.onpolicy import (
     left_padded_prompts,
     rebuild,
 )
-from distillens.sampling import draw_seed
+from distillens.sampling import CHOICE_STREAM, draw_seed
 
 VOCAB, PAD, EOS = 101, 0, 3
 PROMPTS = [[11, 12, 13], [21, 22, 23, 24, 25], [31, 32]]
@@ -101,6 +101,14 @@ def test_rebuilt_batch_supervises_the_answers_up_to_and_including_eos():
     assert int((batch["labels"] != -100).sum()) == 3 + 1 + 6
 
 
+def test_the_collator_keeps_each_prompt_length_and_on_policy_needs_it():
+    batch = collated(PROMPTS, RESPONSES)
+    assert batch["prompt_lengths"].tolist() == [len(prompt) for prompt in PROMPTS]
+    del batch["prompt_lengths"]  # a batch built by hand, without them
+    with pytest.raises(ValueError, match="each row's prompt length: batch key 'prompt_lengths'"):
+        left_padded_prompts(batch, PAD)
+
+
 def test_packed_or_left_padded_rows_are_refused():
     batch = collated(PROMPTS, RESPONSES)
     with pytest.raises(ValueError, match="right-padded"):
@@ -115,7 +123,7 @@ def test_packed_or_left_padded_rows_are_refused():
 
 def test_choice_is_a_pure_function_of_its_seed_with_the_configured_frequencies():
     config = OnPolicyConfig(student_fraction=0.5, teacher_fraction=0.2)
-    seeds = [draw_seed(42, step, micro, onpolicy.CHOICE_STREAM) for step in range(1000) for micro in range(2)]
+    seeds = [draw_seed(42, step, micro, CHOICE_STREAM) for step in range(1000) for micro in range(2)]
     sources = [choose_source(config, seed) for seed in seeds]
     assert sources == [choose_source(config, seed) for seed in seeds]
     for source, p in ((STUDENT, 0.5), (TEACHER, 0.2), (REFERENCE, 0.3)):
@@ -128,7 +136,7 @@ def test_nothing_is_drawn_before_the_start_step():
     """Reference answers first, the student's own later: before ``start_step`` every micro-batch is the data set's;
     from it on, the configured fraction (here all of them) is the student's."""
     config = OnPolicyConfig(student_fraction=1.0, start_step=3)
-    seeds = [draw_seed(42, step, 0, onpolicy.CHOICE_STREAM) for step in range(6)]
+    seeds = [draw_seed(42, step, 0, CHOICE_STREAM) for step in range(6)]
     sources = [choose_source(config, seed, step) for step, seed in enumerate(seeds)]
     assert sources == [REFERENCE] * 3 + [STUDENT] * 3
 

@@ -12,6 +12,10 @@ import torch
 
 from distillens.losses import IGNORE_INDEX
 
+PROMPT_LENGTHS = "prompt_lengths"
+"""The training batch's (B,) prompt length of each row: where its response starts (on-policy training answers the
+prompts). Optional in a batch built by hand: only on-policy training reads it."""
+
 
 def pad_sequences(
     sequences: Sequence[Sequence[int]], pad_id: int, side: str, multiple_of: int | None
@@ -35,7 +39,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TrainingCollator:
-    """Right-padded teacher-forcing batches; labels are the ids on response/EOS tokens, -100 elsewhere."""
+    """Right-padded teacher-forcing batches; labels are the ids on response/EOS tokens, -100 elsewhere, and each
+    row's prompt length is kept (``PROMPT_LENGTHS``)."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
@@ -52,6 +57,7 @@ class TrainingCollator:
             "attention_mask": attention_mask,
             "labels": labels,
             "position_ids": position_ids_from_mask(attention_mask),  # (B, T)
+            PROMPT_LENGTHS: prompt_lengths,  # (B,)
         }
 
 
