@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from docstring_parser import parse as parse_docstring
 from jsonargparse import ArgumentParser
 
+from distillens.console import route_logging
+
 BOOLEAN_VALUES = ("true", "false", "yes", "no")
 
 
@@ -58,6 +60,7 @@ def command_parser(name: str) -> ArgumentParser:
 def run_command(name: str, args: list[str]) -> None:
     """Parse ``args`` for command ``name``, run it and print what it wrote."""
     function = COMMANDS[name].function
+    route_logging()  # again, in case importing the command loaded Lightning (its logger's own stderr handler)
     options = command_parser(name).parse_args(earlier_spellings(args, function))
     result = function(**options.as_dict())
     print(COMMANDS[name].done.format(*(result if isinstance(result, tuple) else (result,))))

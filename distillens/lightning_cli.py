@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from distillens.callbacks import count_steps_in_progress_bar
 from distillens.checkpoints import check_checkpoint_file
 from distillens.commands import COMMANDS, command_parser
+from distillens.console import route_logging
 from distillens.data import InstructionDataModule
 from distillens.module import DistillationModule
 from distillens.precision import fall_back_from_slow_bf16
@@ -100,6 +101,7 @@ def warn_if_oversubscribed(trainer) -> None:
 
 def run_cli(args: list[str] | None = None) -> DistillensCLI:
     """Build and run the Lightning CLI (subcommand, configs and overrides in ``args``)."""
+    route_logging()  # again: importing Lightning gave its logger a stderr handler of its own ("INFO: ...")
     # dataclass fields are documented by the string under each one: make them the --help text
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     return DistillensCLI(

@@ -543,6 +543,20 @@ def test_console_script_exits_with_status_1_and_one_stderr_line(tmp_path, cache_
     assert expected in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_run_failing_after_the_trainer_is_built_prints_one_stderr_line(tmp_path, cache_dir):
+    """In a real process, where Lightning is imported after the console's log routing and gives its logger a
+    stderr handler of its own: its "INFO: ..." lines and the litlogger tip must not reach the console (the
+    in-process test above imports Lightning first and could not see them)."""
+    args = ["fit", *tiny_args(tmp_path, cache_dir, "--data.max_length", "1024")]
+    done = subprocess.run(
+        [DISTILLENS, *args], cwd=REPO, capture_output=True, text=True, timeout=180, env=subprocess_env()
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith(ERROR_PREFIX) and done.stderr.count("\n") == 1, done.stderr
+    assert "data.max_length=1024" in done.stderr
+    assert "litlogger" not in done.stdout + done.stderr and "INFO:" not in done.stdout + done.stderr
+
+
 # ------------------------------------------------------------------------------------------------ the default run
 
 
