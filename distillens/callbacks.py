@@ -13,7 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -24,7 +24,7 @@ from distillens.lens import LogitLens
 from distillens.objective import token_means
 from distillens.records import shard_loader
 from distillens.results import metric_values, results_markdown, write_results
-from distillens.resume import adopt_last_checkpoints, checkpoint_folders, save_as_last
+from distillens.resume import adopt_last_checkpoints, checkpoint_folders, last_checkpoint_lags, save_as_last
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,34 @@ class CheckpointOnInterrupt(_AtOptimizerSteps):
         if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
+
+
+class LastCheckpointNewest(Checkpoint):
+    """``last.ckpt`` saved at every validation of fit, not only at those that improved the monitored value.
+
+    Lightning's ModelCheckpoint writes its ``last`` file only at a validation where it also saved a top-k
+    checkpoint: after one that did not improve, ``last.ckpt`` stays at an older step, so a finished fit leaves a
+    ``student/`` of its final step beside a ``last.ckpt`` of an earlier one, and exporting ``last.ckpt`` or resuming
+    from it goes back without a word. This saves it where it lags, at the point of the ModelCheckpoint's own saves
+    (a ``Checkpoint`` subclass, so that Lightning runs it after them). A step that no validation ends keeps
+    ModelCheckpoint's schedule.
+    """
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return  # `validate` and the sanity check save nothing
+        path = _last_checkpoint_path(trainer)
+        if path is not None and last_checkpoint_lags(trainer, path):
+            save_as_last(trainer, path)
+
+
+def with_last_checkpoint_newest(trainer) -> list[L.Callback]:
+    """[LastCheckpointNewest()] where the run's first ModelCheckpoint keeps a ``last`` file, else [] (without a
+    ModelCheckpoint before it, Lightning would take it for the run's checkpoint callback)."""
+    checkpoints = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    return [LastCheckpointNewest()] if checkpoints and checkpoints[0].save_last else []
 
 
 def _last_checkpoint_path(trainer) -> Path | None:

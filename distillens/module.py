@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 from transformers import PreTrainedModel
 
-from distillens.callbacks import CheckpointOnInterrupt, GenerationEvaluation
+from distillens.callbacks import CheckpointOnInterrupt, GenerationEvaluation, with_last_checkpoint_newest
 from distillens.checkpoints import LORA_BASE, check_lora_base, weights_fingerprint
 from distillens.distributed import shard_models, sharding_options
 from distillens.evaluation import GenerationSettings
@@ -174,8 +174,12 @@ class DistillationModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Generation-based evaluation with this module's settings, in every run that tests or validates, and a
-        checkpoint when fit is interrupted."""
-        return [GenerationEvaluation(self.generation), CheckpointOnInterrupt()]
+        checkpoint when fit is interrupted, and last.ckpt kept at the newest validated step."""
+        return [
+            GenerationEvaluation(self.generation),
+            CheckpointOnInterrupt(),
+            *with_last_checkpoint_newest(self.trainer),
+        ]
 
     def _apply_strategy(self) -> None:
         """Give both models the trainer's precision, then shard them if the strategy provides a device mesh.

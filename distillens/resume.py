@@ -79,7 +79,9 @@ def check_resumable(
     """Raise one short line when the checkpoint cannot be loaded into the configured models; else return the
     changes. ``stage``: fit resumes the run; validate and test evaluate its checkpoint."""
     changes = changed_settings(saved, given)
-    fixed = sorted(fixed_changes(changes, saved, given), key=lambda name: (name.count("."), name))  # source first
+    fixed = sorted(
+        fixed_changes(changes, saved, given), key=lambda name: (name.count("."), name)
+    )  # source first
     if fixed:
         differences = "; ".join(
             f"{name}: {shortened(changes[name][0])} there, {shortened(changes[name][1])} here"
@@ -91,7 +93,9 @@ def check_resumable(
             if stage == "fit"
             else f"{stage} it with the model settings of the run that saved it (the config it was trained with)"
         )
-        raise ValueError(f"{path}: was trained with other models than this config builds ({differences}{more}); {remedy}")
+        raise ValueError(
+            f"{path}: was trained with other models than this config builds ({differences}{more}); {remedy}"
+        )
     return changes
 
 
@@ -137,8 +141,13 @@ def best_checkpoint(trainer, stage: str) -> Path:
         )
     newest = last_checkpoint(trainer)
     if newest is None:
-        where = ", ".join(str(folder) for folder in checkpoint_folders(trainer)) or "(no ModelCheckpoint callback)"
-        raise ValueError(f"--ckpt_path best: no last*.ckpt in {where} records a best checkpoint; nothing to {stage}")
+        where = (
+            ", ".join(str(folder) for folder in checkpoint_folders(trainer))
+            or "(no ModelCheckpoint callback)"
+        )
+        raise ValueError(
+            f"--ckpt_path best: no last*.ckpt in {where} records a best checkpoint; nothing to {stage}"
+        )
     states = (load_checkpoint(newest, mmap=True).get("callbacks") or {}).values()
     named = [Path(state["best_model_path"]) for state in states if state.get("best_model_path")]
     if not named:
@@ -176,6 +185,17 @@ def save_as_last(trainer, path: Path) -> None:
             callback.last_model_path = str(path)  # part of the state the checkpoint records
         callback._last_global_step_saved = trainer.global_step  # what the callback's own saves set
     trainer.save_checkpoint(path)
+
+
+def last_checkpoint_lags(trainer, path: Path) -> bool:
+    """Whether the ModelCheckpoint keeping its ``last`` file at ``path`` last saved before this step (it saves
+    ``last`` together with any other file, so no save at this step means no ``last`` either)."""
+    return any(
+        callback.save_last
+        and _last_file(callback) == str(path)
+        and callback._last_global_step_saved < trainer.global_step
+        for callback in _model_checkpoints(trainer)
+    )
 
 
 def _last_file(callback) -> str | None:

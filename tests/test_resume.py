@@ -478,6 +478,20 @@ def test_last_ckpt_stays_the_newest_state_after_a_resume_and_after_a_move(
     assert saved_step(moved / "last.ckpt") == 6
 
 
+def test_last_ckpt_is_the_final_step_after_a_validation_that_did_not_improve(tmp_path, cache_dir):
+    """Lightning's ModelCheckpoint saves last.ckpt only with a top-k save; monitoring the falling val/loss in mode
+    max makes the step-6 validation no improvement: last.ckpt must still hold step 6 (the state student/ was
+    exported from), and the best checkpoint stays step 3's."""
+    config = tiny_fit_config(tmp_path, cache_dir, max_steps=6)
+    (checkpoint,) = [cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
+    checkpoint["init_args"]["mode"] = "max"
+    fit(write_config(config, tmp_path / "max.yaml"))
+    checkpoints = tmp_path / "tiny" / "checkpoints"
+    (best,) = checkpoints.glob("step*-val*.ckpt")
+    assert (saved_step(best), saved_step(checkpoints / "last.ckpt")) == (3, 6)
+    assert not list(checkpoints.glob("last-v*.ckpt"))
+
+
 def test_ckpt_path_best_is_the_lowest_validation_loss_of_the_run(tmp_path, cache_dir, capsys):
     """Validations at steps 3 and 6; ModelCheckpoint keeps the step<N>-val<loss>.ckpt of lower val/loss beside
     last.ckpt: `validate --ckpt_path best` in a new process uses it (found through last.ckpt's callback state, not
