@@ -60,6 +60,8 @@ def _kl(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
 
 def _log_mix(weight: float, log_a: Tensor, log_b: Tensor) -> Tensor:
     """log(weight a + (1 - weight) b) from log a and log b, finite where a and b underflow to 0 together."""
+    if weight in (0.0, 1.0):  # the mixture is one of the two (math.log(0) has no value)
+        return log_a if weight == 1.0 else log_b
     return torch.logaddexp(math.log(weight) + log_a, math.log1p(-weight) + log_b)  # (N, V)
 
 

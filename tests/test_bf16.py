@@ -19,8 +19,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from distillens.lightning_cli import run_cli
 from distillens.lens import LogitLens, lens_loss, naive_lens_loss
+from distillens.lightning_cli import run_cli
 from distillens.objective import LayerPairs, LossConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,9 +32,9 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import EventM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillens.cli import main
-from distillens.lightning_cli import run_cli
 from distillens.console import error_line
 from distillens.evaluation import GenerationSettings
+from distillens.lightning_cli import run_cli
 from distillens.models import STUDENT_ONLY, TeacherSpec
 from distillens.module import DistillationModule
 from distillens.objective import LayerPairs, LossConfig

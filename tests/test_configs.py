@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from distillens.callbacks import SequencesPerStep, accumulation_for
 from distillens.lightning_cli import run_cli
-from distillens.objective import LayerPairs, evenly_spaced
+from distillens.objective import LayerPairs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -362,10 +362,10 @@ def test_paper_setup_keeps_the_reference_sequences_per_step_on_any_gpu_count(nam
     config, run = setup_config(name), REFERENCE_RUNS[name]
     sequences, batch_size = callback_init(config, SEQUENCES)["sequences"], config["data"]["batch_size"]
     assert sequences == run.sequences_on_4_gpus
-    accumulation = accumulation_for(sequences, batch_size, gpus)
-    assert batch_size * gpus * accumulation == sequences
-    if gpus == 4:
-        assert accumulation == 1, "the reference accumulates nothing on its 4 GPUs"
+    assert batch_size * 4 == sequences, (
+        "the reference's 4 GPUs accumulate nothing: its batch is 4 GPU batches"
+    )
+    assert accumulation_for(sequences, batch_size, gpus) == {1: 4, 2: 2, 4: 1}[gpus]
 
 
 @pytest.mark.parametrize("name", REFERENCE_RUNS)
@@ -394,13 +394,6 @@ def test_qwen_setup_distils_base_models_into_a_lora_student_with_an_adapted_teac
     )
     assert model["teacher"]["adapter"] and "lora" not in model["teacher"]  # a frozen teacher takes no LoRA
     assert setup_config("qwen.yaml")["model"]["generation"]["max_prompts"] == 960  # --dev-num 960
-
-
-def test_llama_pairs_follow_no_single_rounding_rule() -> None:
-    """What llama.yaml's comment says: rounding j * L / 6 gives the student's pairs, rounding down the teacher's."""
-    student, teacher = PAPER_PAIRS["llama.yaml"].student, PAPER_PAIRS["llama.yaml"].teacher
-    assert evenly_spaced(22, 5) == student and evenly_spaced(32, 5) != teacher
-    assert [j * 32 // 6 for j in range(1, 6)] == teacher and [j * 22 // 6 for j in range(1, 6)] != student
 
 
 # ------------------------------------------------------------------------------------------------- SequencesPerStep

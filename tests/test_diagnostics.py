@@ -15,7 +15,6 @@ from matplotlib.image import imread
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillens.cli import main
-from distillens.lightning_cli import run_cli
 from distillens.diagnostics import (
     LensReport,
     labelled_batches,
@@ -24,6 +23,7 @@ from distillens.diagnostics import (
     save_lens_diagnostics,
 )
 from distillens.lens import LogitLens
+from distillens.lightning_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 61

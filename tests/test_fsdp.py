@@ -338,8 +338,8 @@ def test_consolidated_checkpoint_exports(runs, tmp_path):
 
 def test_fsdp_overlay_selects_fsdp2(monkeypatch):
     # imported here: the GPU check imports this file on machines without the CLI's packages
-    from distillens.lightning_cli import DistillensCLI
     from distillens.data import InstructionDataModule
+    from distillens.lightning_cli import DistillensCLI
 
     monkeypatch.chdir(REPO)
     overlay = ["--config", "configs/tiny.yaml", "--config", "configs/trainer/fsdp.yaml"]

@@ -12,8 +12,8 @@ import torch
 from helpers import scalars, tiny_fit_config, write_config
 
 from distillens import fused, losses
-from distillens.lightning_cli import run_cli
 from distillens.lens import LogitLens, projected_divergence
+from distillens.lightning_cli import run_cli
 
 V = 300
 CASES = [("forward_kl", {}), ("reverse_kl", {"temperature": 0.7}), ("jsd", {}), ("jsd", {"beta": 0.2})]

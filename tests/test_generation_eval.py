@@ -23,8 +23,8 @@ import yaml
 from reference import rouge_l_by_hand
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from distillens.lightning_cli import run_cli
 from distillens.data import GenerationCollator, IndexedRows
+from distillens.lightning_cli import run_cli
 from distillens.records import gather_records, records_from_batch, shard_loader
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,10 +23,10 @@ from unittest import mock
 
 import lightning as L
 import pytest
-from safetensors.torch import load_file
 import torch
 from helpers import subprocess_env
 from peft import AutoPeftModelForCausalLM, PeftModel
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -35,9 +35,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from distillens.callbacks import ExportStudent
 from distillens.cli import main
 from distillens.distributed import FSDP2Strategy, full_state_dict
-from distillens.lightning_cli import run_cli
 from distillens.export import export_checkpoint
 from distillens.lens import LogitLens
+from distillens.lightning_cli import run_cli
 from distillens.models import LoraSpec, ModelSpec, add_lora, is_lora, load_model
 from distillens.module import DistillationModule
 from distillens.sharding import is_sharded

@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 import torch
-from reference import tiny_llama
+from reference import divergence, tiny_llama
 
 from distillens import losses
 from distillens.cli import main
@@ -59,10 +59,17 @@ def test_a_bad_divergence_parameter_or_weight_is_one_line_naming_the_field(loss,
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-def test_declared_parameters_in_range_are_accepted():
-    LossConfig(kd_divergence="skew_reverse_kl", kd_params={"alpha": 0.0}, lens_params={"beta": 1.0}).check(
-        has_teacher=True
-    )
+@pytest.mark.parametrize("name, params", [("skew_reverse_kl", {"alpha": 0.0}), ("jsd", {"beta": 1.0})])
+def test_declared_parameters_at_the_ends_of_their_range_are_accepted_and_used(name, params):
+    """The closed ends of a parameter's range pass the check, and the divergence then computes the textbook
+    formula at that value (tests/reference.py), not at its default."""
+    LossConfig(kd_divergence=name, kd_params=params).check(has_teacher=True)
+    student, teacher = torch.randn(
+        2, 3, 11, generator=torch.Generator().manual_seed(0)
+    ).unbind()  # (3, 11) each
+    computed = losses.TOKEN_DIVERGENCES[name](student, teacher, **params)  # (3,)
+    torch.testing.assert_close(computed, divergence(name, student, teacher, **params))
+    assert not torch.allclose(computed, divergence(name, student, teacher))  # the default would differ
 
 
 def test_the_module_refuses_a_typo_when_it_is_built(tiny_module):

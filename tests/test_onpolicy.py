@@ -38,8 +38,8 @@ from helpers import (
 from reference import tiny_llama
 
 import distillens.onpolicy as onpolicy
-from distillens.lightning_cli import run_cli
 from distillens.data.collate import TrainingCollator, pad_sequences
+from distillens.lightning_cli import run_cli
 from distillens.models import LoraSpec, ModelSpec, is_lora
 from distillens.module import DistillationModule
 from distillens.objective import LayerPairs, LossConfig, Objective

@@ -68,8 +68,8 @@ def test_the_cli_builds_the_trainer_in_fp32_on_an_avx2_cpu(cpu, tmp_path, monkey
     import sys
     from unittest import mock
 
-    from distillens.lightning_cli import DistillensCLI, DistillensParser
     from distillens.data import InstructionDataModule
+    from distillens.lightning_cli import DistillensCLI, DistillensParser
     from distillens.module import DistillationModule
 
     cpu(AVX2_ONLY)

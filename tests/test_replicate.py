@@ -194,11 +194,38 @@ def test_an_interrupted_fit_is_not_counted_as_finished(tmp_path):
     assert calls == ["test", "test"]  # finished now; the scores were never written by the mock
 
 
-def test_figures_are_written(study):
-    _, out = study
-    for name in ("rougeL.png", "val_curves.png"):
-        data = (out / name).read_bytes()
-        assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+def colour_pixels(image, colour: str) -> int:
+    """How many pixels of an RGB(A) image (H, W, 3|4) of floats are within 2% of a matplotlib colour."""
+    from matplotlib.colors import to_rgb
+
+    return int((abs(image[..., :3] - to_rgb(colour)) < 0.02).all(axis=-1).sum())
+
+
+def test_figures_draw_every_method(tmp_path, monkeypatch):
+    """rougeL.png: one bar per method in C0 (the teacher's in grey) with heights from the summary; val_curves.png:
+    one line colour per trained method; both in the sizes the script sets (inches x 120 dpi). Drawn from a summary
+    and curves made up here (the tiny study's scores are 0 and its curves one point long)."""
+    from matplotlib.image import imread
+
+    methods = {"teacher": 30.0, "sft": 10.0, "distillens": 20.0}
+    summary = {
+        "preset": "made-up",
+        "metrics": ["rougeL"],
+        "methods": {
+            name: {"rougeL": {"mean": mean, "std": 1.0}, "seeds": [1, 2], "per_seed": {1: {"rougeL": mean - 1}}}
+            for name, mean in methods.items()
+        },
+    }
+    runs = [replicate.Run("teacher", None, tmp_path)]
+    runs += [replicate.Run(name, seed, tmp_path / name) for name in ("sft", "distillens") for seed in (1, 2)]
+    losses = {"sft": [9.0, 7.0, 6.0, 5.5], "distillens": [9.0, 5.0, 4.0, 3.0]}  # apart: neither line hides the other
+    monkeypatch.setattr(replicate, "scalar_curve", lambda folder, curve: ([0, 10, 20, 30], losses[folder.name]))
+    bars_path, curves_path = replicate.figures(summary, runs, tmp_path, "val/loss")
+    bars, curves = imread(bars_path), imread(curves_path)
+    assert (bars.shape[:2], curves.shape[:2]) == ((420, 720), (480, 840))
+    assert colour_pixels(bars, "C0") > 5000 and colour_pixels(bars, "0.6") > 5000
+    assert colour_pixels(curves, "C1") > 200 and colour_pixels(curves, "C2") > 200  # sft, distillens
+    assert colour_pixels(curves, "C0") == 0  # C0 is the teacher's slot, and the teacher has no curve
 
 
 def test_rerun_skips_finished_runs(study, capsys):
