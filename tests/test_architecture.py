@@ -97,11 +97,6 @@ def test_the_import_graph_has_no_cycle():
         visit(name)
 
 
-DATA_MODULE_EAGER = (
-    "distillens/data/__init__.py imports the data module (and Lightning) until the data pipeline moves"
-)
-
-
 @pytest.fixture(scope="module")
 def frameworks_loaded() -> dict[str, list[str]]:
     """Each Lightning-free module imported alone in a fresh process (tests/import_probe.py): what of Lightning or
@@ -118,14 +113,6 @@ def test_the_rule_names_the_objective_and_generation():
     )
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(reason=DATA_MODULE_EAGER, strict=True))
-        if name == "onpolicy"
-        else name
-        for name in written_lightning_free()
-    ],
-)
+@pytest.mark.parametrize("name", written_lightning_free())
 def test_lightning_free_modules_load_neither_lightning_nor_peft(frameworks_loaded, name):
     assert frameworks_loaded[name] == []

@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import distillens.data as data_module
-import distillens.data.datamodule as datamodule_code
+import distillens.data.formats as formats_code
+import distillens.data.pipeline as pipeline_code
 import distillens.data.sources as sources_code
 from distillens.data import InstructionDataModule, SplitStats
 
@@ -147,7 +148,7 @@ def test_each_format_gives_alpaca_prompts_and_references(case, named, gpt2_token
     row_format = case.removesuffix("_field_map") if named else "auto"
     datamodule = ready(gpt2_tokenizer, tmp_path, test=str(source), format=row_format, field_map=field_map)
     assert generation_rows(datamodule, case) == expected
-    assert data_module.resolve_format("auto", field_map, set(rows[0]), "x.jsonl").name == detected
+    assert formats_code.resolve_format("auto", field_map, set(rows[0]), "x.jsonl").name == detected
 
 
 def test_minillm_list_output_trains_on_its_first_reference(gpt2_tokenizer, tmp_path):
@@ -393,13 +394,13 @@ def test_pad_to_multiple_of_rounds_the_width_up(gpt2_tokenizer, tmp_path, loader
 
 def count_tokenisations(monkeypatch) -> list[int]:
     calls: list[int] = []
-    real = datamodule_code.tokenize_examples
+    real = pipeline_code.tokenize_examples
 
     def counting(prompts, *args, **kwargs):
         calls.append(len(prompts))
         return real(prompts, *args, **kwargs)
 
-    monkeypatch.setattr(datamodule_code, "tokenize_examples", counting)  # where the data module looks it up
+    monkeypatch.setattr(pipeline_code, "tokenize_examples", counting)  # where the pipeline looks it up
     return calls
 
 
@@ -528,7 +529,7 @@ def test_hub_id_on_an_unreachable_hub_fails_naming_the_id(gpt2_tokenizer, tmp_pa
     monkeypatch.setattr(sources_code, "hub_reachable", lambda: False)  # where load_hub_dataset looks it up
     datamodule = InstructionDataModule(train="someone/some-set", cache_dir=str(tmp_path / "cache"))
     datamodule.connect(gpt2_tokenizer)
-    if data_module.hub_offline():
+    if sources_code.hub_offline():
         pytest.skip("offline mode is set for this whole process")
     with pytest.raises(ConnectionError, match="'someone/some-set'.*the hub is unreachable"):
         datamodule.prepare_data()
@@ -650,7 +651,7 @@ def test_empty_file_and_unknown_layout_are_errors(gpt2_tokenizer, tmp_path):
 )
 def test_missing_local_paths_are_not_taken_for_hub_ids(value, error, message):
     with pytest.raises(error, match=message):
-        data_module.resolve_source(value, "train")
+        sources_code.resolve_source(value, "train")
 
 
 def test_unsupported_file_types_and_empty_folders_are_errors(tmp_path):
@@ -658,12 +659,12 @@ def test_unsupported_file_types_and_empty_folders_are_errors(tmp_path):
     with pytest.raises(
         FileNotFoundError, match=r"splits: no validation file among its split files \['train.jsonl'\]"
     ):
-        data_module.resolve_source(str(tmp_path / "splits"), "validation")
+        sources_code.resolve_source(str(tmp_path / "splits"), "validation")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match=r"notes.txt: unsupported file type '.txt'"):
-        data_module.resolve_source(str(tmp_path / "notes.txt"), "train")
+        sources_code.resolve_source(str(tmp_path / "notes.txt"), "train")
     with pytest.raises(FileNotFoundError, match="folder has no"):
-        data_module.resolve_source(str(tmp_path), "train")
+        sources_code.resolve_source(str(tmp_path), "train")
 
 
 @pytest.mark.parametrize(

@@ -1,52 +1,35 @@
-"""`InstructionDataModule`: the pipeline of sources, formats, templates and tokenisation for every configured split,
-cached on disk, and the dataloaders Lightning asks for."""
+"""`InstructionDataModule`: Lightning's hooks and dataloaders around the data pipeline (`data/pipeline.py`) and its
+cache (`data/cache.py`), for every configured split."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import datasets
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from distillens.data.cache import ensure_cached, load_cached, split_cache_path
 from distillens.data.collate import GenerationCollator, IndexedRows, TrainingCollator
-from distillens.data.formats import FORMATS, ROLES, BadRowError, Example, resolve_format, row_to_example
 from distillens.data.loading import EpochShuffleSampler, ResumableDataLoader
-from distillens.data.sources import (
-    Row,
-    Source,
-    file_fingerprint,
-    load_hub_dataset,
-    read_json_rows,
-    read_table_rows,
-    resolve_source,
+from distillens.data.pipeline import (
+    PipelineSettings,
+    SourceReader,
+    SplitPlan,
+    build_split,
+    check_at_least_one,
+    check_choices,
+    check_reference_minimums,
+    check_sizes,
+    plan_splits,
 )
-from distillens.data.templates import make_prompt_renderer, validate_template
-from distillens.data.tokenisation import SplitStats, tokenize_examples, tokenizer_fingerprint
-from distillens.hub import build_once
+from distillens.data.tokenisation import SplitStats, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
-
-CACHE_VERSION = 2  # bump when the tokenised layout or the filters change, to invalidate old caches
-
-
-@dataclass
-class _SplitPlan:
-    """What one split needs: its source, role, and (for a split cut from train) which part of it."""
-
-    name: str
-    source: Source
-    role: str  # "train", "validation" or "test"
-    part: str | None = None  # "train" or "validation" when val_size cuts one source in two
 
 
 class InstructionDataModule(L.LightningDataModule):
@@ -117,29 +100,41 @@ class InstructionDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        _check_choices(format, field_map, template)
-        _check_sizes(max_length, max_prompt_length, val_size, validation)
-        _check_at_least_one(
+        check_choices(format, field_map, template)
+        check_sizes(max_length, max_prompt_length, val_size, validation)
+        check_at_least_one(
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             pad_to_multiple_of=pad_to_multiple_of,
             max_samples=max_samples,
         )
-        self.train, self.validation, self.hub_split, self.revision = train, validation, hub_split, revision
+        self.train, self.validation = train, validation
         self.test = [test] if isinstance(test, str) else list(test or [])
-        self.format, self.field_map, self.template = format, dict(field_map or {}), template
-        self.max_length, self.max_prompt_length = max_length, max_prompt_length
-        self.val_size, self.seed, self.max_samples = val_size, seed, max_samples
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.template, self.max_length, self.max_prompt_length = template, max_length, max_prompt_length
+        self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size or batch_size
         self.num_workers, self.pad_to_multiple_of = num_workers, pad_to_multiple_of
-        self.cache_dir, self.skip_bad_rows = Path(cache_dir), skip_bad_rows
+        self.cache_dir = Path(cache_dir)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._tokenizer_key: str | None = None
         self.splits: dict[str, datasets.Dataset] = {}  # tokenised splits by name, filled by setup()
         self.stats: dict[str, SplitStats] = {}  # what the filters did to each split (also kept in the cache)
-        self._plans = _plan_splits(train, validation, self.test, val_size)  # bad paths fail here, early
-        self.min_reference_tokens = _check_reference_minimums(min_reference_tokens, self.test_set_names)
-        self._hub_datasets: dict[tuple[str, str], datasets.Dataset] = {}
+        self._plans = plan_splits(train, validation, self.test, val_size)  # bad paths fail here, early
+        self.min_reference_tokens = check_reference_minimums(min_reference_tokens, self.test_set_names)
+        self.settings = PipelineSettings(
+            format=format,
+            field_map=dict(field_map or {}),
+            template=template,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            min_reference_tokens=self.min_reference_tokens,
+            val_size=val_size,
+            seed=seed,
+            max_samples=max_samples,
+            skip_bad_rows=skip_bad_rows,
+            hub_split=hub_split,
+            revision=revision,
+        )
+        self._reader = SourceReader(self.settings, self.cache_dir)
         self._train_resume_at: dict[str, int] | None = None  # from a checkpoint, see load_state_dict
 
     # ------------------------------------------------------------------ wiring
@@ -269,302 +264,20 @@ class InstructionDataModule(L.LightningDataModule):
             )
         return self.tokenizer
 
-    def _cache_path(self, plan: _SplitPlan) -> Path:
-        source = plan.source
-        source_key = file_fingerprint(source.files) if source.files else self._hub_fingerprint(plan)
-        settings = {
-            "version": CACHE_VERSION,
-            "split": plan.name,
-            "part": plan.part,
-            "source": source_key,
-            "tokenizer": self._tokenizer_key,
-            "template": self.template,
-            "format": self.format,
-            "field_map": self.field_map,
-            "lengths": [self.max_length, self.max_prompt_length],
-            "long_prompts": "truncate" if plan.role == "test" else "drop",
-            "min_reference_tokens": self.min_reference_tokens.get(plan.name),
-            "val_size": self.val_size if plan.part else None,
-            "seed": self.seed if plan.part else None,
-            "max_samples": self.max_samples,
-            "skip_bad_rows": self.skip_bad_rows,
-        }
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
-        return self.cache_dir / "tokenised" / f"{plan.name}-{key}"
-
-    def _ensure_cached(self, plan: _SplitPlan) -> Path:
-        """The split's cache folder, tokenising into it first when it is missing."""
+    def _ensure_cached(self, plan: SplitPlan) -> Path:
+        """The split's cache folder, running the pipeline into it first when it is missing."""
         self._require_tokenizer()
-        path = self._cache_path(plan)
-        if not (path / "stats.json").is_file():
-            stats = SplitStats()
-            _save_atomically(self._build(plan, stats), stats, path)
-        return path
+        source_key = self._reader.fingerprint(plan)
+        path = split_cache_path(self.cache_dir, plan, self.settings, source_key, self._tokenizer_key)
+        return ensure_cached(path, lambda stats: self._build(plan, stats))
+
+    def _build(self, plan: SplitPlan, stats: SplitStats) -> datasets.Dataset:
+        """The pipeline for one split (a method, so that a test can count the builds of each process)."""
+        return build_split(plan, self.settings, self._require_tokenizer(), self._reader, stats)
 
     def _load(self, name: str) -> datasets.Dataset:
         """A tokenised split, memory-mapped from the cache (cheap to share with dataloader workers)."""
         path = self._ensure_cached(self._plans[name])
-        self.stats[name] = SplitStats(**json.loads((path / "stats.json").read_text()))
+        dataset, self.stats[name] = load_cached(path)
         log.info("%s: %d tokenised rows from %s", name, self.stats[name].kept, path)
-        return datasets.load_from_disk(str(path / "dataset"))
-
-    def _build(self, plan: _SplitPlan, stats: SplitStats) -> datasets.Dataset:
-        examples = self._read_examples(plan, stats)
-        if plan.name in self.min_reference_tokens:
-            examples, stats.short_references_dropped = _drop_short_references(
-                examples, self.tokenizer, self.min_reference_tokens[plan.name]
-            )
-        if not examples:  # nothing left to tokenise (e.g. every response empty)
-            raise _empty_after_filtering(plan, stats)
-        render = make_prompt_renderer(self.template, self._require_tokenizer())
-        prompts = [render(example) for example in examples]
-        tokenised = tokenize_examples(
-            prompts,
-            [example.response for example in examples],
-            self.tokenizer,
-            prompt_special_tokens=self.template != "chat",
-            max_length=self.max_length,
-            max_prompt_length=self.max_prompt_length,
-            truncate_prompts=plan.role == "test",
-        )
-        stats.long_prompts_dropped = len(examples) - len(tokenised.kept)
-        stats.kept, stats.responses_truncated = len(tokenised.kept), tokenised.truncated
-        stats.prompts_truncated = len(tokenised.cut_prompts)
-        _log_stats(plan, stats, self.max_prompt_length, self.max_length)
-        if not tokenised.kept:
-            raise _empty_after_filtering(plan, stats)
-        return datasets.Dataset.from_dict(
-            {
-                "input_ids": tokenised.sequences,
-                "prompt_length": tokenised.prompt_lengths,
-                "prompt": [  # a cut prompt as the model sees it
-                    self.tokenizer.decode(ids[:length]) if i in tokenised.cut_prompts else prompts[i]
-                    for i, ids, length in zip(
-                        tokenised.kept, tokenised.sequences, tokenised.prompt_lengths, strict=True
-                    )
-                ],
-                "references": [list(examples[i].references) for i in tokenised.kept],
-            }
-        )
-
-    def _read_examples(self, plan: _SplitPlan, stats: SplitStats) -> list[Example]:
-        """Rows -> examples (bad rows raised or skipped), then the val_size cut and the max_samples cap."""
-        rows = self._read_rows(plan)
-        stats.rows_read = len(rows)
-        if not rows:
-            raise ValueError(f"{plan.source.origin}: no rows")
-        row_format = resolve_format(self.format, self.field_map, set(rows[0].values), plan.source.origin)
-        if row_format.name == "chat" and self.template != "chat":
-            raise ValueError(
-                f"{plan.source.origin}: format 'chat' needs template 'chat', not {self.template!r}"
-            )
-        examples = []
-        for row in rows:
-            try:
-                examples.append(row_to_example(row, row_format))
-            except BadRowError:
-                if not self.skip_bad_rows:
-                    raise
-                stats.bad_rows_skipped += 1
-        answered = [e for e in examples if any(reference.strip() for reference in e.references)]
-        stats.empty_responses_dropped = len(examples) - len(answered)
-        examples = answered
-        if plan.part:
-            examples, stats.in_other_split = _cut(
-                examples, plan.part, self.val_size, self.seed, plan.source.origin
-            )
-        if self.max_samples is not None and len(examples) > self.max_samples:
-            stats.over_max_samples = len(examples) - self.max_samples
-            examples = examples[: self.max_samples]
-        return examples
-
-    def _read_rows(self, plan: _SplitPlan) -> list[Row]:
-        source = plan.source
-        if source.hub_id is not None:
-            return self._hub_rows(plan)
-        table_cache = self.cache_dir / "tables"
-        rows: list[Row] = []
-        for path in source.files:
-            rows += (
-                read_table_rows(path, table_cache)
-                if path.suffix in (".parquet", ".csv")
-                else read_json_rows(path)
-            )
-        return rows
-
-    def _hub_split(self, plan: _SplitPlan) -> str:
-        return self.hub_split or ("train" if plan.part else plan.role)
-
-    def _hub_fingerprint(self, plan: _SplitPlan) -> str:
-        dataset = self._hub_dataset(plan)
-        # datasets' own fingerprint of the downloaded files: it changes when the hub data changes
-        return f"{plan.source.hub_id}@{self.revision}:{self._hub_split(plan)}:{dataset._fingerprint}"
-
-    def _hub_dataset(self, plan: _SplitPlan) -> datasets.Dataset:
-        key = (plan.source.hub_id, self._hub_split(plan))
-        if key not in self._hub_datasets:
-            self._hub_datasets[key] = load_hub_dataset(*key, self.revision, self.cache_dir / "hub")
-        return self._hub_datasets[key]
-
-    def _hub_rows(self, plan: _SplitPlan) -> list[Row]:
-        where = f"{plan.source.hub_id}[{self._hub_split(plan)}]"
-        return [Row(record, f"{where} row {n}") for n, record in enumerate(self._hub_dataset(plan), start=1)]
-
-
-def _check_choices(row_format: str, field_map: dict[str, str] | None, template: str) -> None:
-    """Configuration errors surface when the data module is built, before any model or data is loaded."""
-    if row_format != "auto" and row_format not in FORMATS:
-        raise ValueError(f"format {row_format!r}: use 'auto' or one of {', '.join(FORMATS)}")
-    if unknown := set(field_map or {}) - set(ROLES):
-        raise ValueError(f"field_map keys {sorted(unknown)}: the roles are {', '.join(ROLES)}")
-    validate_template(template)
-
-
-def _check_sizes(
-    max_length: int, max_prompt_length: int, val_size: int | float | None, validation: str | None
-) -> None:
-    if not 0 < max_prompt_length < max_length:
-        raise ValueError(
-            f"max_prompt_length={max_prompt_length} must be positive and below max_length={max_length}"
-        )
-    if val_size is not None and validation is not None:
-        raise ValueError("give either validation or val_size, not both")
-    if val_size is not None and (val_size <= 0 or (isinstance(val_size, float) and val_size >= 1)):
-        raise ValueError(f"val_size={val_size}: use a row count >= 1 or a fraction in (0, 1)")
-
-
-def _check_reference_minimums(minimums: dict[str, int] | None, test_sets: list[str]) -> dict[str, int]:
-    """`min_reference_tokens` names test sets by their names (file stem, or folder for valid.jsonl)."""
-    minimums = dict(minimums or {})
-    for name, tokens in minimums.items():
-        if name not in test_sets:
-            raise ValueError(
-                f"min_reference_tokens: no test set named {name!r} (test sets: {', '.join(test_sets) or 'none'})"
-            )
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise ValueError(f"min_reference_tokens[{name!r}]={tokens!r}: use a positive token count")
-    return minimums
-
-
-def _drop_short_references(
-    examples: list[Example], tokenizer: PreTrainedTokenizerBase, minimum: int
-) -> tuple[list[Example], int]:
-    """The examples with at least one reference of `minimum` tokens or more, and how many were dropped."""
-    kept = [
-        example
-        for example in examples
-        if any(
-            len(ids) >= minimum
-            for ids in tokenizer(list(example.references), add_special_tokens=False)["input_ids"]
-        )
-    ]
-    return kept, len(examples) - len(kept)
-
-
-def _check_at_least_one(**values: int | None) -> None:
-    for name, value in values.items():
-        if value is not None and value < 1:
-            raise ValueError(f"{name}={value}: must be at least 1")
-
-
-def _plan_splits(
-    train: str | None, validation: str | None, test: list[str], val_size: int | float | None
-) -> dict[str, _SplitPlan]:
-    """Name every split and resolve its source; a val_size split makes two plans over the train source."""
-    plans: dict[str, _SplitPlan] = {}
-    if train is not None:
-        source = resolve_source(train, "train")
-        plans["train"] = _SplitPlan("train", source, "train", "train" if val_size else None)
-        if val_size:
-            plans["validation"] = _SplitPlan("validation", source, "validation", "validation")
-    if validation is not None:
-        plans["validation"] = _SplitPlan("validation", resolve_source(validation, "validation"), "validation")
-    for value in test:
-        source = resolve_source(value, "test")
-        if source.name in plans:
-            raise ValueError(
-                f"test set {value!r}: name {source.name!r} is already taken; rename the file or folder"
-            )
-        plans[source.name] = _SplitPlan(source.name, source, "test")
-    return plans
-
-
-def _cut(examples: list[Example], part: str, val_size: int | float, seed: int, origin: str):
-    """One side of a seeded random train/validation split; returns it and the number of rows on the other side."""
-    count = round(val_size * len(examples)) if isinstance(val_size, float) else val_size
-    if not 0 < count < len(examples):
-        raise ValueError(
-            f"val_size={val_size} leaves no training or no validation rows in {origin} ({len(examples)} rows)"
-        )
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))  # (N,)
-    validation_rows = set(order[:count].tolist())
-    chosen = [e for i, e in enumerate(examples) if (i in validation_rows) == (part == "validation")]
-    return chosen, len(examples) - len(chosen)
-
-
-def _empty_after_filtering(plan: _SplitPlan, stats: SplitStats) -> ValueError:
-    return ValueError(
-        f"{plan.name} set from {plan.source.origin} is empty after filtering: {_describe(stats)}"
-    )
-
-
-def _describe(stats: SplitStats) -> str:
-    """Where the rows went, for logs and for the empty-split error."""
-    return ", ".join(
-        [
-            f"{stats.rows_read} rows read",
-            f"{stats.bad_rows_skipped} bad rows skipped",
-            f"{stats.empty_responses_dropped} dropped for empty responses",
-            f"{stats.in_other_split} in the other val_size split",
-            f"{stats.over_max_samples} over max_samples",
-            f"{stats.short_references_dropped} dropped for short references",
-            f"{stats.long_prompts_dropped} dropped for long prompts",
-        ]
-    )
-
-
-def _log_stats(plan: _SplitPlan, stats: SplitStats, max_prompt_length: int, max_length: int) -> None:
-    """What the filters did, as progress (stdout): dropping long prompts and cutting long responses is the
-    configured protocol, not a problem. Rows that do not fit their format or have no answer are warnings."""
-    log.info("%s (%s): kept %d rows; %s", plan.name, plan.source.origin, stats.kept, _describe(stats))
-    if stats.bad_rows_skipped:
-        log.warning("%s: skipped %d bad rows (skip_bad_rows=True)", plan.name, stats.bad_rows_skipped)
-    if stats.empty_responses_dropped:
-        log.warning("%s: dropped %d rows with an empty response", plan.name, stats.empty_responses_dropped)
-    notes = [
-        (
-            stats.long_prompts_dropped,
-            f"dropped %d rows with prompts over max_prompt_length={max_prompt_length} tokens",
-        ),
-        (
-            stats.prompts_truncated,
-            f"cut %d prompts to their first max_prompt_length={max_prompt_length} tokens",
-        ),
-        (stats.responses_truncated, f"truncated %d responses to fit max_length={max_length} tokens"),
-    ]
-    for count, note in notes:
-        if count:
-            log.info(f"%s: {note}", plan.name, count)
-
-
-@contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """Hide `datasets`' per-save progress bars (noise next to our one-line counts), then restore the setting."""
-    were_disabled = datasets.utils.are_progress_bars_disabled()
-    datasets.utils.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not were_disabled:
-            datasets.utils.enable_progress_bars()
-
-
-def _save_atomically(dataset: datasets.Dataset, stats: SplitStats, path: Path) -> None:
-    """Write to a temporary folder then rename, so a concurrent or interrupted run never sees half a cache."""
-
-    def write(staging: Path) -> None:
-        with _quiet_progress_bars():
-            dataset.save_to_disk(str(staging / "dataset"))
-        (staging / "stats.json").write_text(json.dumps(stats.__dict__))
-
-    build_once(path, write)  # when another process finished first, its copy is identical and is kept
+        return dataset
