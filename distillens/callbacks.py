@@ -434,8 +434,7 @@ class ExportStudent(L.Callback):
         return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "student")
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        from distillens.export import adapter_base
-        from distillens.models import check_export_folder
+        from distillens.export import adapter_base, check_export_folder
 
         if self.adapter_only:  # an adapter that cannot be used without the student fails now too
             adapter_base(pl_module.student_spec)

@@ -7,10 +7,8 @@ archive: failed finding central directory", an empty one as a bare EOFError, and
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import zipfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,6 @@ UNREADABLE = (KeyError, RuntimeError, EOFError, OSError, pickle.UnpicklingError,
 an unreadable one: OSError such as [Errno 22] Invalid argument)."""
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 """Values of Lightning's ``ckpt_path`` that name no file: Lightning resolves them itself."""
-LORA_BASE = "lora_base_fingerprint"
-"""Checkpoint key: the fingerprint of the frozen base weights a LoRA student's adapters were trained on."""
 
 
 def check_checkpoint_file(path: str | Path | None) -> None:
@@ -68,29 +64,3 @@ def _unreadable(path: Path, error: BaseException) -> ValueError:
         cut = "; it may have been cut short (a full disk, an interrupted copy)"
         hint = cut if path.stat().st_size else " (an empty file)"
     return ValueError(f"{path}: not a checkpoint torch can read ({type(error).__name__}: {reason}){hint}")
-
-
-def weights_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """A digest of named tensors (names, dtypes, shapes and values): equal for the same weights only.
-
-    What identifies a LoRA student's base, which its checkpoint leaves out and which is loaded again from the
-    student's source: a folder whose files changed still has the same name. About a second per 500 MB.
-    """
-    digest = hashlib.blake2b(digest_size=12)
-    for name, tensor in sorted(named, key=lambda item: item[0]):
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)  # (N,)
-        digest.update(f"{name} {data.dtype} {tuple(tensor.shape)};".encode())
-        digest.update(data.view(torch.uint8).numpy())  # (N * itemsize,) raw bytes
-    return digest.hexdigest()
-
-
-def check_lora_base(path: str | Path | None, checkpoint: dict[str, Any], fingerprint: str, base: str) -> None:
-    """One line when ``checkpoint``'s adapters were trained on other base weights than the ``fingerprint`` of the
-    base just built (``base`` says where it came from); checkpoints written before fingerprints pass."""
-    recorded = checkpoint.get(LORA_BASE)
-    if recorded is None or recorded == fingerprint:
-        return
-    raise ValueError(
-        f"{path or 'the checkpoint'}: its LoRA adapters were trained on other base weights than {base} holds now "
-        f"(fingerprint {recorded} there, {fingerprint} here); use the base the run was trained on"
-    )

@@ -44,7 +44,9 @@ class Command:
 
 COMMANDS = {
     "export": Command("distillens.export:export_checkpoint", "student exported to {}", positional=True),
-    "diagnose": Command("distillens.diagnostics:diagnose", "lens diagnostics written to {} and {}", positional=False),
+    "diagnose": Command(
+        "distillens.diagnostics:diagnose", "lens diagnostics written to {} and {}", positional=False
+    ),
 }
 
 

@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from distillens.models import add_lora, is_lora
+from distillens.lora import add_lora, is_lora
 from distillens.sharding import is_sharded
 from distillens.structure import blocks_of
 

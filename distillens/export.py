@@ -8,6 +8,7 @@ merged model (a plain Hugging Face folder) or, on request, the adapter folder al
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,26 +18,126 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from distillens.checkpoints import check_lora_base, load_checkpoint, weights_fingerprint
+from distillens.checkpoints import load_checkpoint
 from distillens.data.templates import chat_template_for
+from distillens.hub import replace_folder
+from distillens.lora import (
+    LoraSpec,
+    add_lora,
+    check_lora_base,
+    frozen_parameters,
+    is_lora,
+    merged_copy,
+    weights_fingerprint,
+)
 from distillens.models import (
     DEFAULT_TEACHER,
-    LoraSpec,
     ModelSpec,
-    add_lora,
-    check_export_folder,
     default_teacher_dir,
-    export_student,
-    frozen_parameters,
     load_model,
     load_tokenizer,
     lora_base_description,
-    merged_copy,
 )
 
 log = logging.getLogger(__name__)
 
 STUDENT_PREFIX = "student."
+
+
+EXPORT_MARKERS = ("config.json", "adapter_config.json")
+"""Files every export writes (a merged model, or an adapter folder): a folder holding one holds an earlier export."""
+EXPORT_FILES = (
+    *EXPORT_MARKERS,
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",  # a model saved in shards, and their index
+    "model.safetensors.index.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+)
+"""Names (fnmatch patterns) of the files `export_student` writes, for any model family and tokenizer."""
+ADAPTER_MODEL_CARD = "README.md"  # the model card PEFT writes into an adapter folder
+
+
+def check_export_folder(folder: str | Path, overwrite: bool) -> None:
+    """A non-empty folder is written only when asked (``overwrite``), and then only if it holds an earlier
+    export and nothing else: its files are replaced as a whole, so no other file is ever deleted with them."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"export folder {folder} is a file")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"export folder {folder} is not empty; choose a new folder, or replace its earlier export with "
+            "--overwrite (distillens export) or overwrite: true (ExportStudent)"
+        )
+    if not any((folder / name).is_file() for name in EXPORT_MARKERS):
+        raise FileExistsError(
+            f"export folder {folder} holds no earlier export (no {' or '.join(EXPORT_MARKERS)}); refusing to "
+            "replace its files: choose another folder"
+        )
+    others = sorted(path.name for path in folder.iterdir() if not _written_by_export(path))
+    if others:
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise FileExistsError(
+            f"export folder {folder} holds {listed}, not written by an export; --overwrite replaces the folder "
+            "as a whole, so move them out first or choose another folder"
+        )
+
+
+def _written_by_export(path: Path) -> bool:
+    if not path.is_file() or path.is_symlink():
+        return False
+    if path.name == ADAPTER_MODEL_CARD:
+        return (path.parent / "adapter_config.json").is_file()
+    return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in EXPORT_FILES)
+
+
+def export_student(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: str | Path,
+    *,
+    adapter_only: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Save model (safetensors), config, generation config and tokenizer where `from_pretrained` can load them.
+
+    A LoRA student is saved merged (adapters folded into a copy of the weights: a plain Hugging Face model that
+    needs neither PEFT nor the base), or, with ``adapter_only``, as its adapter folder alone (adapter_config.json
+    and the adapter weights, which ``PeftModel.from_pretrained(base, folder)`` or ``ModelSpec.adapter`` load).
+    A non-empty folder is refused unless ``overwrite`` (see `check_export_folder`); the new export is written
+    beside it and then takes its place, so no file of the earlier one is left mixed in.
+    """
+    if adapter_only and not is_lora(model):
+        raise ValueError(
+            "adapter_only: this student has no LoRA adapter (it was trained without model.student.lora)"
+        )
+    folder = Path(folder)
+    check_export_folder(folder, overwrite)
+    if is_lora(model) and not adapter_only:
+        model = merged_copy(model)
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    if folder.is_dir() and any(folder.iterdir()):
+        replace_folder(folder, write)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        write(folder)
+    return folder
 
 
 def student_and_checkpoint(

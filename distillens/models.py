@@ -13,7 +13,6 @@ folder, because parsing the GGUF takes half a minute on every load.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import importlib.util
 import json
 import logging
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -36,7 +35,8 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from distillens.hub import build_once, check_hub_reachable, is_hub_id, offline_requested, replace_folder
+from distillens.hub import build_once, check_hub_reachable, is_hub_id, offline_requested
+from distillens.lora import LoraSpec, add_lora
 from distillens.structure import block_list_name
 
 log = logging.getLogger(__name__)
@@ -53,32 +53,6 @@ DtypeName = Literal["float32", "bfloat16", "float16", "auto"]
 # Config fields holding one entry per block (e.g. Qwen2's sliding/full attention per layer): a student keeps
 # the entries of the blocks it keeps, or its config would describe blocks it does not have.
 PER_LAYER_CONFIG_FIELDS = ("layer_types", "mlp_layer_types", "no_rope_layers", "layer_rope_theta")
-
-
-@dataclass
-class LoraSpec:
-    """Low-rank adapters (LoRA, through PEFT) trained in place of the student's weights, which stay frozen."""
-
-    r: int = 8
-    """Rank of each adapter (the paper's Qwen run: 8)."""
-    alpha: float = 32.0
-    """Scaling numerator: the adapter's update is multiplied by alpha / r (the paper's Qwen run: 32)."""
-    dropout: float = 0.1
-    """Dropout on the adapter's input while training (the paper's Qwen run: 0.1)."""
-    target_modules: list[str] | str | None = None
-    """Names (or name suffixes) of the linear layers to adapt, e.g. [q_proj, v_proj], one name (q_proj), or
-    "all-linear"; None uses PEFT's default for the model family (q_proj and v_proj for Llama and Qwen2, c_attn for
-    GPT-2)."""
-
-    def __post_init__(self) -> None:
-        """One line naming the setting at fault and its value alone (only a student has LoRA adapters)."""
-        for name, bad, rule in (
-            ("r", self.r < 1, "must be >= 1"),
-            ("alpha", self.alpha <= 0, "must be > 0"),
-            ("dropout", not 0 <= self.dropout < 1, "must be in [0, 1)"),
-        ):
-            if bad:
-                raise ValueError(f"model.student.lora.{name}={getattr(self, name)}: {rule}")
 
 
 @dataclass
@@ -111,7 +85,8 @@ class TeacherSpec:
         origins = {name: getattr(self, name) for name in self.origin_fields()}
         if sum(value is not None for value in origins.values()) != 1:
             got = ", ".join(
-                f"{name}={'set' if name == 'config' and value else value!r}" for name, value in origins.items()
+                f"{name}={'set' if name == 'config' and value else value!r}"
+                for name, value in origins.items()
             )
             names = ", ".join(origins).rsplit(", ", 1)
             raise ValueError(f"{type(self).__name__}: set exactly one of {' or '.join(names)} (got {got})")
@@ -169,7 +144,9 @@ def teacher_model_spec(teacher: TeacherSpec | dict) -> ModelSpec:
             "model.teacher.adapter instead"
         )
     if settings.get("init_from_teacher_layers") is not None:
-        raise ValueError("model.teacher.init_from_teacher_layers: a teacher is built whole (source or config)")
+        raise ValueError(
+            "model.teacher.init_from_teacher_layers: a teacher is built whole (source or config)"
+        )
     return ModelSpec(**settings)
 
 
@@ -241,7 +218,8 @@ def _write_smollm2(folder: Path) -> None:
     tokenizer = load_tokenizer(gguf.parent, gguf_file=gguf.name)
     eos_id = tokenizer.convert_tokens_to_ids(SMOLLM2_EOS)
     model.config.eos_token_id = model.generation_config.eos_token_id = eos_id
-    export_student(model, tokenizer, folder)
+    model.save_pretrained(folder)  # a fresh staging folder (build_once publishes it whole)
+    tokenizer.save_pretrained(folder)
 
 
 def load_model(spec: ModelSpec, teacher: PreTrainedModel | None = None) -> PreTrainedModel:
@@ -302,44 +280,11 @@ def _check_json(path: Path) -> None:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
-def add_lora(model: PreTrainedModel, lora: LoraSpec | LoraConfig) -> PeftModel:
-    """Wrap a model in trainable LoRA adapters (B = 0 at first, so it computes exactly what the model did).
-
-    The wrapper forwards everything else to the model (config, generation, get_decoder, output embeddings), so
-    the logit lens reads the student's real final norm and unembedding through it. A PEFT ``LoraConfig`` (another
-    wrapped model's) gives the same adapters again.
-    """
-    if isinstance(lora, LoraConfig):
-        config, targets = copy.deepcopy(lora), lora.target_modules
-    else:
-        targets = lora.target_modules
-        if isinstance(targets, str) and targets != "all-linear":
-            # one name or suffix, as in a list; PEFT would read a string as a regex of whole module names
-            targets = [targets]
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(targets) if isinstance(targets, list | tuple) else targets,
-            task_type="CAUSAL_LM",
-        )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(f"lora.target_modules={targets!r} on {type(model).__name__}: {reason}") from None
-
-
 def rebuildable(spec: ModelSpec, teacher: ModelSpec | None = None) -> bool:
     """Whether a spec gives the same weights at every load: a source does; a random `config` does not."""
     if spec.init_from_teacher_layers is not None:
         return teacher is not None and rebuildable(teacher)
     return spec.source is not None
-
-
-def frozen_parameters(model: PeftModel) -> list[tuple[str, torch.Tensor]]:
-    """A LoRA-wrapped model's frozen (base) parameters, by name."""
-    return [(name, param) for name, param in model.named_parameters() if not param.requires_grad]
 
 
 def lora_base_description(spec: ModelSpec, teacher: ModelSpec | None = None) -> str:
@@ -349,11 +294,6 @@ def lora_base_description(spec: ModelSpec, teacher: ModelSpec | None = None) -> 
         return f"model.teacher.source {source!r} (blocks {spec.init_from_teacher_layers})"
     adapter = f" with model.student.adapter {spec.adapter!r}" if spec.adapter else ""
     return f"model.student.source {spec.source!r}{adapter}"
-
-
-def is_lora(model: Any) -> bool:
-    """Whether a model is wrapped in PEFT adapters (its base weights then stay frozen)."""
-    return isinstance(model, PeftModel)
 
 
 def _from_teacher(spec: ModelSpec, teacher: PreTrainedModel | None) -> PreTrainedModel:
@@ -520,107 +460,6 @@ def _renumbered_state_dict(
     return renamed
 
 
-EXPORT_MARKERS = ("config.json", "adapter_config.json")
-"""Files every export writes (a merged model, or an adapter folder): a folder holding one holds an earlier export."""
-EXPORT_FILES = (
-    *EXPORT_MARKERS,
-    "generation_config.json",
-    "model.safetensors",
-    "model-*-of-*.safetensors",  # a model saved in shards, and their index
-    "model.safetensors.index.json",
-    "adapter_model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-)
-"""Names (fnmatch patterns) of the files `export_student` writes, for any model family and tokenizer."""
-ADAPTER_MODEL_CARD = "README.md"  # the model card PEFT writes into an adapter folder
-
-
-def check_export_folder(folder: str | Path, overwrite: bool) -> None:
-    """A non-empty folder is written only when asked (``overwrite``), and then only if it holds an earlier
-    export and nothing else: its files are replaced as a whole, so no other file is ever deleted with them."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"export folder {folder} is a file")
-    if not folder.is_dir() or not any(folder.iterdir()):
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"export folder {folder} is not empty; choose a new folder, or replace its earlier export with "
-            "--overwrite (distillens export) or overwrite: true (ExportStudent)"
-        )
-    if not any((folder / name).is_file() for name in EXPORT_MARKERS):
-        raise FileExistsError(
-            f"export folder {folder} holds no earlier export (no {' or '.join(EXPORT_MARKERS)}); refusing to "
-            "replace its files: choose another folder"
-        )
-    others = sorted(path.name for path in folder.iterdir() if not _written_by_export(path))
-    if others:
-        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        raise FileExistsError(
-            f"export folder {folder} holds {listed}, not written by an export; --overwrite replaces the folder "
-            "as a whole, so move them out first or choose another folder"
-        )
-
-
-def _written_by_export(path: Path) -> bool:
-    if not path.is_file() or path.is_symlink():
-        return False
-    if path.name == ADAPTER_MODEL_CARD:
-        return (path.parent / "adapter_config.json").is_file()
-    return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in EXPORT_FILES)
-
-
-def export_student(
-    model: PreTrainedModel | PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    folder: str | Path,
-    *,
-    adapter_only: bool = False,
-    overwrite: bool = False,
-) -> Path:
-    """Save model (safetensors), config, generation config and tokenizer where `from_pretrained` can load them.
-
-    A LoRA student is saved merged (adapters folded into a copy of the weights: a plain Hugging Face model that
-    needs neither PEFT nor the base), or, with ``adapter_only``, as its adapter folder alone (adapter_config.json
-    and the adapter weights, which ``PeftModel.from_pretrained(base, folder)`` or ``ModelSpec.adapter`` load).
-    A non-empty folder is refused unless ``overwrite`` (see `check_export_folder`); the new export is written
-    beside it and then takes its place, so no file of the earlier one is left mixed in.
-    """
-    if adapter_only and not is_lora(model):
-        raise ValueError(
-            "adapter_only: this student has no LoRA adapter (it was trained without model.student.lora)"
-        )
-    folder = Path(folder)
-    check_export_folder(folder, overwrite)
-    if is_lora(model) and not adapter_only:
-        model = merged_copy(model)
-
-    def write(staging: Path) -> None:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-
-    if folder.is_dir() and any(folder.iterdir()):
-        replace_folder(folder, write)
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        write(folder)
-    return folder
-
-
-def merged_copy(model: PeftModel) -> PreTrainedModel:
-    """A plain model computing what the LoRA-wrapped one does; the wrapped model itself is left untouched."""
-    return copy.deepcopy(model).merge_and_unload()
-
-
 def load_tokenizer(
     source: str | Path | ModelSpec,
     *,
@@ -699,6 +538,26 @@ def check_sequence_fits(
             raise ValueError(
                 f"{setting}={value}{plus} is over {limit[0]}={limit[1]}: use {setting} <= {limit[1] - before}"
             )
+
+
+def check_run_lengths(
+    max_length: int,
+    max_prompt: int,
+    limits: list[tuple[str, int] | None],
+    on_policy_new_tokens: int | None = None,
+    generation: tuple[int, tuple[str, int] | None] | None = None,
+) -> None:
+    """Every sequence a run's settings make fits the models that read it: data.max_length within each model's
+    positions, on-policy answers (after prompts) within data.max_length, as the data's rows are, and generated
+    evaluation answers (``generation``: new tokens and the generating model's limit) within its positions. One
+    line naming the setting and the limit, before any step."""
+    check_sequence_fits("data.max_length", max_length, limits)
+    prompt = ("data.max_prompt_length", max_prompt)
+    if on_policy_new_tokens is not None:
+        lengths = [("data.max_length", max_length)]
+        check_sequence_fits("model.on_policy.max_new_tokens", on_policy_new_tokens, lengths, prompt)
+    if generation is not None and generation[1] is not None:
+        check_sequence_fits("model.generation.max_new_tokens", generation[0], [generation[1]], prompt)
 
 
 def check_same_vocabulary(student: PreTrainedModel, teacher: PreTrainedModel) -> None:

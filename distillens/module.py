@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -33,18 +31,22 @@ from torchmetrics import SumMetric
 from transformers import PreTrainedModel
 
 from distillens.callbacks import CheckpointOnInterrupt, GenerationEvaluation, with_last_checkpoint_newest
-from distillens.checkpoints import LORA_BASE, check_lora_base, weights_fingerprint
 from distillens.distributed import shard_models, sharding_options
 from distillens.evaluation import GenerationSettings
 from distillens.generation import several_ranks
+from distillens.lora import (
+    adapters_only_checkpoints,
+    frozen_parameters,
+    leave_base_out,
+    put_base_back,
+    weights_fingerprint,
+)
 from distillens.models import (
     ModelSpec,
     TeacherSpec,
     check_hub_sources,
+    check_run_lengths,
     check_same_vocabulary,
-    check_sequence_fits,
-    frozen_parameters,
-    is_lora,
     load_model,
     load_tokenizer,
     lora_base_description,
@@ -63,7 +65,14 @@ from distillens.onpolicy import (
     roll_out,
 )
 from distillens.optimization import OptimizerConfig, adamw_with_schedule, apply_settings
-from distillens.sampling import CHOICE_STREAM, DROPOUT_STREAM, LENS_STREAM, SAMPLING_STREAM, draw_seed
+from distillens.sampling import (
+    CHOICE_STREAM,
+    DROPOUT_STREAM,
+    LENS_STREAM,
+    SAMPLING_STREAM,
+    draw_seed,
+    seeded_dropout,
+)
 from distillens.sharding import is_sharded
 
 
@@ -150,27 +159,19 @@ class DistillationModule(L.LightningModule):
         self._apply_strategy()
 
     def _check_sequence_lengths(self) -> None:
-        """Every sequence the run's settings make fits the models that read it (and generated training rows fit
-        data.max_length, as the data's rows do): one line naming the setting and the limit, before any step."""
+        """Every sequence the run's settings make fits the models that read it (``models.check_run_lengths``)."""
         data = getattr(self._trainer, "datamodule", None)
         max_length, max_prompt = getattr(data, "max_length", None), getattr(data, "max_prompt_length", None)
         if not isinstance(max_length, int) or not isinstance(max_prompt, int):
             return  # no trainer, or a data module without these settings
         models = {"student": self.student, "teacher": self.teacher}
         limits = {role: position_limit(model, role) for role, model in models.items() if model is not None}
-        check_sequence_fits("data.max_length", max_length, list(limits.values()))
-        prompt = ("data.max_prompt_length", max_prompt)
-        if self.on_policy.enabled:
-            lengths = [("data.max_length", max_length)]
-            check_sequence_fits(
-                "model.on_policy.max_new_tokens", self.on_policy.max_new_tokens, lengths, prompt
-            )
         generates = self.generation.every_n_val > 0 or self._trainer.state.fn == "test"
-        if generates and self.generation.generator in limits:
-            limit = [limits[self.generation.generator]]
-            check_sequence_fits(
-                "model.generation.max_new_tokens", self.generation.max_new_tokens, limit, prompt
-            )
+        check_run_lengths(
+            max_length, max_prompt, list(limits.values()),
+            on_policy_new_tokens=self.on_policy.max_new_tokens if self.on_policy.enabled else None,
+            generation=(self.generation.max_new_tokens, limits.get(self.generation.generator)) if generates else None,
+        )  # fmt: skip
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Generation-based evaluation with this module's settings, in every run that tests or validates, and a
@@ -231,7 +232,7 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         batch = self._maybe_roll_out(batch)
-        with self._seeded_dropout():
+        with seeded_dropout(self._draw_seed(DROPOUT_STREAM, self.global_rank), self.device):
             terms = self(batch)
         self._window_tokens += int(terms.tokens)
         self._window_batches += 1
@@ -239,21 +240,6 @@ class DistillationModule(L.LightningModule):
         for name, value in terms.means().items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         return terms.total()
-
-    @contextmanager
-    def _seeded_dropout(self) -> Iterator[None]:
-        """The forward pass's dropout masks (LoRA's, GPT-2's) drawn from a seed of the run's seed, the step, the
-        micro-batch and the rank, and the global random state left as it was.
-
-        Drawn from the global state's running position instead, a resumed run's masks would differ from the
-        uninterrupted run's: that position also moves with what happened before (the data loader starting an
-        epoch, a validation, building the models) and is not in the checkpoint. Activation checkpointing recomputes
-        the forward pass under the state it saved, so the masks match in the backward pass too.
-        """
-        cuda = self.device.type == "cuda"
-        with torch.random.fork_rng(devices=[self.device.index or 0] if cuda else [], device_type="cuda"):
-            torch.manual_seed(self._draw_seed(DROPOUT_STREAM, self.global_rank))
-            yield
 
     def _maybe_roll_out(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """This micro-batch as drawn: as it is, or rebuilt on the student's or the teacher's answers (onpolicy.py).
@@ -365,47 +351,31 @@ class DistillationModule(L.LightningModule):
         return max(int(self.trainer.estimated_stepping_batches), 1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the student's architecture, so the checkpoint can be restored and exported without a teacher.
-
-        A LoRA student's frozen base weights are left out: they are its source's, loaded again on resume or
-        export, so a checkpoint holds the adapters (and optimizer state) only. They are kept for a student built
-        from a random config (nothing could rebuild them) and in a sharded (FSDP) checkpoint, as Lightning's
-        distributed loader expects every key of the model.
-        """
+        """Record the student's architecture, so the checkpoint can be restored and exported without a teacher;
+        a LoRA student's frozen base weights are left out (``lora.leave_base_out``): they are its source's."""
         checkpoint["student_config"] = self.student.config.to_dict()
         if self._adapters_only_checkpoints():
-            frozen = self._frozen_student_keys()
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
-            checkpoint[LORA_BASE] = self._lora_base_fingerprint()  # what identifies the weights left out
+            leave_base_out(checkpoint, self.student, self._lora_base_fingerprint())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Complete an adapters-only checkpoint with the frozen base weights the student was just built with, once
-        they are known to be those the adapters were trained on."""
+        """Complete an adapters-only checkpoint with the base weights the student was just built with, once they
+        are known to be those the adapters were trained on."""
         if self._adapters_only_checkpoints():
             path = self._trainer.ckpt_path if self._trainer is not None else None
             base = lora_base_description(self.student_spec, self.teacher_spec)
-            check_lora_base(path, checkpoint, self._lora_base_fingerprint(), base)
-            state, saved = self.state_dict(), checkpoint["state_dict"]
-            saved.update({key: state[key] for key in self._frozen_student_keys() - saved.keys()})
+            put_base_back(
+                checkpoint, self.state_dict(), self.student, self._lora_base_fingerprint(), (path, base)
+            )
 
     def _adapters_only_checkpoints(self) -> bool:
-        """A LoRA student rebuilt with the same base weights at every load (a source, not a random config)."""
-        return (
-            is_lora(self.student)
-            and not is_sharded(self.student)
-            and rebuildable(self.student_spec, self.teacher_spec)
-        )
+        rebuilds = rebuildable(self.student_spec, self.teacher_spec)
+        return adapters_only_checkpoints(self.student, rebuilds, is_sharded(self.student))
 
     def _lora_base_fingerprint(self) -> str:
         """The fingerprint of the student's frozen base weights (computed once: they never change)."""
         if getattr(self, "_base_fingerprint", None) is None:
             self._base_fingerprint = weights_fingerprint(frozen_parameters(self.student))
         return self._base_fingerprint
-
-    def _frozen_student_keys(self) -> set[str]:
-        """State-dict keys of the student's frozen parameters (tied ones under each of their names)."""
-        named = self.student.named_parameters(remove_duplicate=False)
-        return {f"student.{name}" for name, param in named if not param.requires_grad}
 
 
 def check_same_tokenizer(student: ModelSpec, teacher: ModelSpec | None, student_tokenizer) -> None:

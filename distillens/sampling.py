@@ -20,6 +20,8 @@ same pairs, a run is reproducible under its seed, and a resumed run draws what t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,3 +108,19 @@ def draw_lens_subset(
     subset = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)  # (B*T,)
     subset[kept] = True
     return LensDraw(pairs=chosen, mask=subset.reshape(mask.shape), token_scale=total / keep)
+
+
+@contextmanager
+def seeded_dropout(seed: int, device: torch.device) -> Iterator[None]:
+    """A forward pass's dropout masks (LoRA's, GPT-2's) drawn from ``seed`` (of the run's seed, the step, the
+    micro-batch and the rank: ``DROPOUT_STREAM``), and the global random state left as it was.
+
+    Drawn from the global state's running position instead, a resumed run's masks would differ from the
+    uninterrupted run's: that position also moves with what happened before (the data loader starting an epoch, a
+    validation, building the models) and is not in the checkpoint. Activation checkpointing recomputes the forward
+    pass under the state it saved, so the masks match in the backward pass too.
+    """
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device.index or 0] if cuda else [], device_type="cuda"):
+        torch.manual_seed(seed)
+        yield

@@ -705,7 +705,8 @@ def test_no_library_tip_warning_or_progress_bar_reaches_the_console(tmp_path, ca
     from transformers import LlamaConfig
 
     from distillens.console import route_logging
-    from distillens.models import LoraSpec, ModelSpec, add_lora, load_model
+    from distillens.lora import LoraSpec, add_lora
+    from distillens.models import ModelSpec, load_model
 
     fields = dict(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -14,8 +14,8 @@ from transformers import AutoConfig, AutoTokenizer
 from distillens.data.formats import Example
 from distillens.data.templates import make_prompt_renderer
 from distillens.data.tokenisation import tokenize_examples
-from distillens.export import export_trained_student
-from distillens.models import ModelSpec, export_student, load_model
+from distillens.export import export_student, export_trained_student
+from distillens.models import ModelSpec, load_model
 
 TEMPLATES = ["alpaca", "chat", 'Question: {instruction}\n"Réponse" \\ {input}:']
 INSTRUCTION = "Name three primary colours."
@@ -121,7 +121,7 @@ def test_overwrite_refuses_an_export_folder_that_holds_anything_else(
 
 def test_overwrite_replaces_a_merged_export_and_an_adapter_export(student, smollm2_tokenizer, tmp_path):
     """Every file either kind of export writes (PEFT's model card README.md included) may be replaced."""
-    from distillens.models import LoraSpec, add_lora
+    from distillens.lora import LoraSpec, add_lora
 
     adapted = add_lora(load_model(ModelSpec(**tiny_llama(2, 32, 49152))), LoraSpec(r=2))
     folder = export_trained_student(

@@ -38,7 +38,8 @@ from distillens.distributed import FSDP2Strategy, full_state_dict
 from distillens.export import export_checkpoint
 from distillens.lens import LogitLens
 from distillens.lightning_cli import run_cli
-from distillens.models import LoraSpec, ModelSpec, add_lora, is_lora, load_model
+from distillens.lora import LoraSpec, add_lora, is_lora
+from distillens.models import ModelSpec, load_model
 from distillens.module import DistillationModule
 from distillens.sharding import is_sharded
 

@@ -12,13 +12,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillens import models
+from distillens.export import export_student
 from distillens.hub import build_once, hub_reachable
 from distillens.models import (
     DEFAULT_TEACHER,
     ModelSpec,
     check_hub_sources,
     default_teacher_dir,
-    export_student,
     load_model,
     load_tokenizer,
     smollm2_gguf_path,
@@ -430,7 +430,11 @@ def test_a_tiny_model_converts_only_the_teachers_tokenizer(converted_teacher, tm
     reference = load_tokenizer(converted_teacher[1])  # the whole teacher's folder
     text = "<|im_start|>user\nThe capital of France is<|im_end|>"
     assert tokenizer(text).input_ids == reference(text).input_ids
-    assert (tokenizer.eos_token, tokenizer.pad_token_id) == (reference.eos_token, reference.pad_token_id) == ("<|im_end|>", 2)
+    assert (
+        (tokenizer.eos_token, tokenizer.pad_token_id)
+        == (reference.eos_token, reference.pad_token_id)
+        == ("<|im_end|>", 2)
+    )
     assert tokenizer.chat_template == reference.chat_template
     models_dir, folder, _ = converted_teacher
     assert models.default_tokenizer_dir(models_dir) == folder  # a converted teacher serves its tokenizer

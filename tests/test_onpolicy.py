@@ -40,7 +40,8 @@ from reference import tiny_llama
 import distillens.onpolicy as onpolicy
 from distillens.data.collate import TrainingCollator, pad_sequences
 from distillens.lightning_cli import run_cli
-from distillens.models import LoraSpec, ModelSpec, is_lora
+from distillens.lora import LoraSpec, is_lora
+from distillens.models import ModelSpec
 from distillens.module import DistillationModule
 from distillens.objective import LayerPairs, LossConfig, Objective
 from distillens.onpolicy import (

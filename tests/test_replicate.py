@@ -212,14 +212,23 @@ def test_figures_draw_every_method(tmp_path, monkeypatch):
         "preset": "made-up",
         "metrics": ["rougeL"],
         "methods": {
-            name: {"rougeL": {"mean": mean, "std": 1.0}, "seeds": [1, 2], "per_seed": {1: {"rougeL": mean - 1}}}
+            name: {
+                "rougeL": {"mean": mean, "std": 1.0},
+                "seeds": [1, 2],
+                "per_seed": {1: {"rougeL": mean - 1}},
+            }
             for name, mean in methods.items()
         },
     }
     runs = [replicate.Run("teacher", None, tmp_path)]
     runs += [replicate.Run(name, seed, tmp_path / name) for name in ("sft", "distillens") for seed in (1, 2)]
-    losses = {"sft": [9.0, 7.0, 6.0, 5.5], "distillens": [9.0, 5.0, 4.0, 3.0]}  # apart: neither line hides the other
-    monkeypatch.setattr(replicate, "scalar_curve", lambda folder, curve: ([0, 10, 20, 30], losses[folder.name]))
+    losses = {
+        "sft": [9.0, 7.0, 6.0, 5.5],
+        "distillens": [9.0, 5.0, 4.0, 3.0],
+    }  # apart: neither line hides the other
+    monkeypatch.setattr(
+        replicate, "scalar_curve", lambda folder, curve: ([0, 10, 20, 30], losses[folder.name])
+    )
     bars_path, curves_path = replicate.figures(summary, runs, tmp_path, "val/loss")
     bars, curves = imread(bars_path), imread(curves_path)
     assert (bars.shape[:2], curves.shape[:2]) == ((420, 720), (480, 840))

@@ -332,7 +332,9 @@ def test_evaluating_a_checkpoint_of_other_models_is_one_short_line_for_that_stag
     changed = len(changed_settings(saved, given))
     assert "\n" not in line and len(line) < 500, line
     assert f"; and {changed - 3} more);" in line and "resume" not in line
-    assert line.endswith(f"{stage} it with the model settings of the run that saved it (the config it was trained with)")
+    assert line.endswith(
+        f"{stage} it with the model settings of the run that saved it (the config it was trained with)"
+    )
     assert "'a-tokenizer-folder-with-a-rather-lon..." in line or line.count("...") >= 1
 
 
@@ -483,7 +485,9 @@ def test_last_ckpt_is_the_final_step_after_a_validation_that_did_not_improve(tmp
     max makes the step-6 validation no improvement: last.ckpt must still hold step 6 (the state student/ was
     exported from), and the best checkpoint stays step 3's."""
     config = tiny_fit_config(tmp_path, cache_dir, max_steps=6)
-    (checkpoint,) = [cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
+    (checkpoint,) = [
+        cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")
+    ]
     checkpoint["init_args"]["mode"] = "max"
     fit(write_config(config, tmp_path / "max.yaml"))
     checkpoints = tmp_path / "tiny" / "checkpoints"
