@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 # bf16 runs as configured whatever this machine's CPU (distillens/precision.py would switch a CPU without native
 # bf16 to fp32): the bf16 tests check bf16 on every machine; tests/test_precision.py checks the switch itself.

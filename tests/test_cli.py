@@ -24,7 +24,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-from helpers import DISTILLENS, subprocess_env
+from helpers import DISTILLENS, REPO, subprocess_env
 from reference import Objective, objective_sums, weighted
 from rouge_score import rouge_scorer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -40,7 +40,6 @@ from distillens.module import DistillationModule
 from distillens.objective import LayerPairs, LossConfig
 from distillens.optimization import OptimizerConfig
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 DATA = REPO / "data" / "instructions"
 ERROR_PREFIX = "distillens: error: "

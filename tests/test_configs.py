@@ -23,13 +23,13 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import REPO
 from torch.utils.data import DataLoader, TensorDataset
 
 from distillens.callbacks import SequencesPerStep, accumulation_for
 from distillens.lightning_cli import run_cli
 from distillens.objective import LayerPairs
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 OVERLAY_DIR = CONFIG_DIR / "trainer"
 OVERLAY_BASE = CONFIG_DIR / "tiny.yaml"

@@ -26,7 +26,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import DISTILLENS, subprocess_env
+from helpers import DISTILLENS, REPO, subprocess_env, without_tokenizer
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.utilities.data import _update_dataloader  # what Lightning itself does under DDP
 from reference import (
@@ -48,7 +48,6 @@ from distillens.models import ModelSpec
 from distillens.module import DistillationModule
 from distillens.objective import LayerPairs, LossConfig
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "instructions"
 DDP_TIMEOUT_S = 240
 WORLD = 2
@@ -281,7 +280,7 @@ class GradientRecorder(DistillationModule):
 
 @pytest.fixture
 def module(monkeypatch) -> GradientRecorder:
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)  # no tokenizer needed
+    without_tokenizer(monkeypatch)  # no tokenizer needed
     module = GradientRecorder(
         student=tiny_llama(2, 32),
         teacher=tiny_llama(3, 48),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import REPO
 from matplotlib.image import imread
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -25,7 +26,6 @@ from distillens.diagnostics import (
 from distillens.lens import LogitLens
 from distillens.lightning_cli import run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 VOCAB = 61
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

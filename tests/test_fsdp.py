@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import subprocess_env
+from helpers import REPO, subprocess_env
 from reference import Objective, grad_norm, objective_sums, relative_difference, train_reference, weighted
 from tokenizers import Tokenizer, models
 from torch import Tensor
@@ -34,7 +34,6 @@ from distillens.models import ModelSpec
 from distillens.module import DistillationModule
 from distillens.sharding import is_sharded
 
-REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 STEPS = 3  # the sharded run trains 2 steps, saves, and resumes for the third
 ROWS, LENGTH, VOCAB = 4, 12, 1024

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from helpers import REPO
 from reference import rouge_l_by_hand
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -27,7 +28,6 @@ from distillens.data import GenerationCollator, IndexedRows
 from distillens.lightning_cli import run_cli
 from distillens.records import gather_records, records_from_batch, shard_loader
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "data" / "instructions"
 MAX_NEW_TOKENS = 8
 

@@ -24,7 +24,7 @@ from unittest import mock
 import lightning as L
 import pytest
 import torch
-from helpers import subprocess_env
+from helpers import REPO, subprocess_env
 from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
@@ -43,7 +43,6 @@ from distillens.models import ModelSpec, load_model
 from distillens.module import DistillationModule
 from distillens.sharding import is_sharded
 
-REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 ROWS, LENGTH, VOCAB = 4, 12, 256
 WORKER_TIMEOUT_S = 240

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import llama_spec
+from helpers import llama_spec, without_tokenizer
 from reference import Objective, divergence, objective_sums, supervised_batch, weighted
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -128,7 +128,7 @@ def test_checkpoint_records_the_student_architecture(module):
 
 
 def test_sft_without_teacher_trains_on_cross_entropy_only(monkeypatch, batch):
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    without_tokenizer(monkeypatch)
     module = DistillationModule(
         student=llama(2, 32), loss=LossConfig(ce_weight=1, kd_weight=0, lens_weight=0)
     )
@@ -142,19 +142,19 @@ def test_sft_without_teacher_trains_on_cross_entropy_only(monkeypatch, batch):
 
 
 def test_objective_without_teacher_but_distillation_weights_is_an_error(monkeypatch):
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    without_tokenizer(monkeypatch)
     with pytest.raises(ValueError, match="teacher is not set"):
         DistillationModule(student=llama(2, 32))
 
 
 def test_unknown_divergence_is_an_error_at_construction(monkeypatch):
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    without_tokenizer(monkeypatch)
     with pytest.raises(ValueError, match="unknown divergence 'kl2'"):
         DistillationModule(student=llama(2, 32), teacher=llama(2, 32), loss=LossConfig(kd_divergence="kl2"))
 
 
 def test_vocabulary_mismatch_is_an_error(monkeypatch):
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    without_tokenizer(monkeypatch)
     teacher = llama(2, 32)
     teacher.config = {**teacher.config, "vocab_size": VOCAB + 3}
     module = DistillationModule(student=llama(2, 32), teacher=teacher)
@@ -163,7 +163,7 @@ def test_vocabulary_mismatch_is_an_error(monkeypatch):
 
 
 def test_out_of_range_layer_pairs_name_both_depths(monkeypatch):
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    without_tokenizer(monkeypatch)
     module = DistillationModule(
         student=llama(2, 32), teacher=llama(4, 48), layers=LayerPairs(student=[1, 3], teacher=[2, 5])
     )
@@ -213,7 +213,7 @@ GPT2 = dict(model_type="gpt2", vocab_size=101, n_embd=32, n_layer=2, n_head=4, n
 
 def test_norms_and_biases_are_not_decayed(monkeypatch):
     """Checked by name on GPT-2 (biases and LayerNorms everywhere) and Llama (RMSNorms, no biases)."""
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    without_tokenizer(monkeypatch)
     for student in (ModelSpec(config=GPT2, tokenizer="unused"), llama(2, 32)):
         module = DistillationModule(
             student=student, teacher=student, optimizer=OptimizerConfig(weight_decay=0.3)

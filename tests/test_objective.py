@@ -8,6 +8,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import without_tokenizer
 from reference import divergence, tiny_llama
 
 from distillens import losses
@@ -142,7 +143,7 @@ def test_automatic_pairs_of_a_layer_subset_student_follow_the_copied_blocks():
 
 
 def test_the_module_pairs_a_layer_subset_student_with_its_source_blocks(monkeypatch):
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    without_tokenizer(monkeypatch)
     teacher = tiny_llama(6, 48, 101)
     module = DistillationModule(
         student=ModelSpec(init_from_teacher_layers=[0, 4, 5]), teacher=teacher, layers=LayerPairs(count=2)

@@ -33,6 +33,7 @@ from helpers import (
     scalars,
     subprocess_env,
     tiny_fit_config,
+    without_tokenizer,
     write_config,
 )
 from reference import tiny_llama
@@ -168,7 +169,7 @@ def test_bad_options_are_one_clear_error(monkeypatch, options, message):
 
 
 def test_teacher_answers_need_a_teacher_and_student_answers_a_teacher_term(monkeypatch):
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    without_tokenizer(monkeypatch)
     with pytest.raises(ValueError, match="teacher_fraction > 0 needs model.teacher"):
         OnPolicyConfig(teacher_fraction=0.5).check(has_teacher=False, reads_teacher=False)
     with pytest.raises(ValueError, match="student_fraction > 0 needs a teacher term"):
@@ -330,7 +331,7 @@ def test_answers_cut_at_max_new_tokens_are_supervised_as_they_stand(monkeypatch,
 
 
 def test_lora_student_answers_with_its_adapters_and_trains_them_alone(monkeypatch, batch, recorded):
-    monkeypatch.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    without_tokenizer(monkeypatch)
     torch.manual_seed(0)
     module = DistillationModule(
         student=ModelSpec(**tiny_llama(2, 32, VOCAB), lora=LoraSpec(r=4)),

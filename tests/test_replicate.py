@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import REPO
 
 from distillens.lightning_cli import run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "replicate"
 
 

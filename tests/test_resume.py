@@ -23,7 +23,15 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-from helpers import DISTILLENS, checkpoint_every_step, scalars, subprocess_env, tiny_fit_config, write_config
+from helpers import (
+    DISTILLENS,
+    REPO,
+    checkpoint_every_step,
+    scalars,
+    subprocess_env,
+    tiny_fit_config,
+    write_config,
+)
 from reference import (
     Objective,
     checkpoint_student,
@@ -41,7 +49,6 @@ from distillens.lightning_cli import run_cli
 from distillens.models import ModelSpec
 from distillens.resume import changed_settings, check_resumable
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "instructions"
 MAX_STEPS = 8  # the tiny data makes 5 batches per epoch: the run crosses an epoch boundary
 CURVES = ("train/loss", "lr-AdamW/decay")  # LearningRateMonitor names each parameter group by its "name"

@@ -14,6 +14,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+from helpers import without_tokenizer
 from reference import (
     Objective,
     grad_norm,
@@ -58,7 +59,7 @@ class StepRecorder(DistillationModule):
 def runs():
     """The Lightning fit and the plain-PyTorch reference from the same initial weights."""
     mp = pytest.MonkeyPatch()
-    mp.setattr("distillens.module.load_tokenizer", lambda spec: None)
+    without_tokenizer(mp)
     try:
         torch.manual_seed(0)
         module = StepRecorder(
