@@ -1,6 +1,6 @@
 """Fused divergence kernels: a chunk's closed-form divergence and gradient compiled into a few loops over its rows.
 
-Run eagerly, a closed-form value-and-gradient (``losses.TOKEN_GRADIENTS``) over an (n, V) chunk of logits makes about
+Run eagerly, a closed-form value-and-gradient (``losses.Divergence.gradient``) over an (n, V) chunk of logits makes about
 twenty passes over n x V fp32 values: two log-softmaxes, exponentials, the mixture and its log, row products, the
 softmax backward, the row weight and the cast to the backward's dtype. On a CPU that costs more than the chunk's four
 vocabulary matrix products in bf16. ``torch.compile`` (Inductor) turns the kernels below into a few loops per row that
@@ -8,9 +8,9 @@ read the logits in their own dtype, keep every intermediate value in registers a
 The arithmetic is the same fp32 arithmetic; only the memory traffic goes.
 
 The kernels are written for the compiler, out of place and with the log-softmax spelt out: Inductor fuses that form
-into two loops per row, while its decomposition of ``torch.log_softmax`` and in-place updates made the same JSD kernel
-2.2x slower (55 vs 25 ms for 256 x 49,152 bf16 logits on a 2-core CPU). Eager, the memory-lean in-place functions of
-losses.py run instead; tests compare the two.
+into two loops per row, while its decomposition of ``torch.log_softmax`` and in-place updates made the same kernel
+slower (README, Speed). Eager, the memory-lean in-place functions of losses.py run instead; tests compare the two.
+Each kernel is stored in its divergence's ``losses.REGISTRY`` record, beside its value and closed-form gradient.
 
 Where compilation is not possible (a CPU machine without a C++ compiler, a GPU without Triton), one warning says so
 and the eager functions run instead, with the same results.
@@ -25,22 +25,21 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from distillens.losses import TOKEN_GRADIENTS
+from distillens.losses import REGISTRY
 
 log = logging.getLogger(__name__)
 
 Kernel = Callable[..., tuple[Tensor, Tensor]]
 """(student_logits (n, V), teacher_logits (n, V), temperature, **params) -> (values (n,), d/d student_logits (n, V)),
-both fp32; the same contract as losses.TOKEN_GRADIENTS."""
-
-KERNELS: dict[str, Kernel] = {}
+both fp32; the same contract as ``losses.Divergence.gradient``."""
 
 
 def kernel(name: str) -> Callable[[Kernel], Kernel]:
-    """Register the compiler-oriented form of divergence ``name``'s closed-form value and gradient."""
+    """Register the compiler-oriented form of divergence ``name``'s closed-form value and gradient, in the
+    divergence's own record."""
 
     def decorator(fn: Kernel) -> Kernel:
-        KERNELS[name] = fn
+        REGISTRY[name].kernel = fn
         return fn
 
     return decorator
@@ -48,7 +47,7 @@ def kernel(name: str) -> Callable[[Kernel], Kernel]:
 
 def has_kernel(divergence: str) -> bool:
     """Whether ``divergence`` has a closed-form gradient, hence a fused kernel (and an eager one)."""
-    return divergence in TOKEN_GRADIENTS
+    return divergence in REGISTRY and REGISTRY[divergence].gradient is not None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,15 +150,13 @@ def _run(entry: str, divergence: str, fused: bool, student_logits: Tensor, *args
     # under a dispatch mode (FLOP counting, debugging) the kernel compiled then would be kept for every later call,
     # and it runs op by op (measured: a bench-train step as slow as eager after one FLOP-counted step)
     if not fused or device in _UNAVAILABLE or is_in_torch_dispatch_mode():
-        return _ENTRY_POINTS[entry](TOKEN_GRADIENTS[divergence])(student_logits, *args, **params)
+        return _ENTRY_POINTS[entry](REGISTRY[divergence].gradient)(student_logits, *args, **params)
     key = (entry, divergence)
     if key not in _COMPILED:
         # dynamic: the last chunk of a step has another row count; one kernel serves every count
-        _COMPILED[key] = torch.compile(_ENTRY_POINTS[entry](KERNELS[divergence]), dynamic=True)
+        _COMPILED[key] = torch.compile(_ENTRY_POINTS[entry](REGISTRY[divergence].kernel), dynamic=True)
     try:
-        with (
-            torch.no_grad()
-        ):  # a gradient-mode kernel is traced for autograd and fuses worse (79 vs 30 ms, JSD)
+        with torch.no_grad():  # a gradient-mode kernel is traced for autograd and fuses worse (README, Speed)
             return _COMPILED[key](student_logits, *args, **params)
     except Exception as error:  # noqa: BLE001 - any compiler failure: the eager closed form gives the same result
         lines = str(error).strip().splitlines()
@@ -170,4 +167,4 @@ def _run(entry: str, divergence: str, fused: bool, student_logits: Tensor, *args
             device,
             _UNAVAILABLE[device][:200],
         )
-        return _ENTRY_POINTS[entry](TOKEN_GRADIENTS[divergence])(student_logits, *args, **params)
+        return _ENTRY_POINTS[entry](REGISTRY[divergence].gradient)(student_logits, *args, **params)

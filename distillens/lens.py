@@ -187,7 +187,7 @@ def projected_divergence(
         student_hidden: k tensors (B, T, d_s), aligned by pair with ``teacher_hidden`` (k tensors (B, T, d_t)).
         student_projection, teacher_projection: map a hidden state to logits (a lens, or the output head).
         mask: (B, T), truthy where a token is supervised.
-        divergence: a registered divergence name (losses.TOKEN_DIVERGENCES).
+        divergence: a registered divergence name (losses.REGISTRY).
         chunk_size: rows projected at once; bounds peak memory at about chunk_size x V per model.
         reduction: "mean" averages over supervised tokens; "sum" returns the token sum (still averaged over pairs),
             for callers that normalise by a token count gathered across micro-batches and ranks.

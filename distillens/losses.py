@@ -9,8 +9,10 @@ counted tokens of the per-token divergence (summed over the vocabulary), compute
 When no token counts the result is 0 and still has a gradient path, so a step on an all-prompt micro-batch is harmless.
 
 Each divergence is written once as a *per-token* function ``(student_logits, teacher_logits, **params) -> (...)`` and
-registered by name; the masked, averaged public function is derived from it. The chunked lens loss (lens.py) calls the
-per-token functions on chunks of rows, so the two paths cannot drift apart.
+registered by name (``REGISTRY``, one ``Divergence`` record each); the masked, averaged public function is derived
+from it. Forward KL, reverse KL and JSD also register a closed-form value and gradient, which the chunked lens loss
+(lens.py) uses instead of autograd, and ``fused.py`` adds their compiled kernel to the same record; those are
+separate arithmetic, tied to the per-token value by one test per divergence (tests/test_divergences.py).
 
 Vocabulary entries set to -inf (masked tokens) are handled without NaN: log-probabilities are clamped to the most
 negative finite float before any product, so ``0 * log 0`` terms vanish in value and in gradient.
@@ -36,8 +38,6 @@ HAS_REFERENCE = "has_reference"
 TokenDivergence = Callable[..., Tensor]
 """(student_logits (..., V), teacher_logits (..., V), **params) -> per-token divergence (...)."""
 
-TOKEN_DIVERGENCES: dict[str, TokenDivergence] = {}
-
 
 @dataclass(frozen=True)
 class DivergenceParam:
@@ -50,24 +50,55 @@ class DivergenceParam:
     doc: str
 
 
-DIVERGENCE_PARAMS: dict[str, tuple[DivergenceParam, ...]] = {}
-"""Divergence name -> the parameters it declares (empty: it takes none)."""
-
 TokenValueAndGrad = Callable[..., tuple[Tensor, Tensor]]
 """(student_logits (n, V), teacher_logits (n, V), **params) -> (per-row divergence (n,), d/d student_logits (n, V))."""
 
-TOKEN_GRADIENTS: dict[str, TokenValueAndGrad] = {}
+
+@dataclass
+class Divergence:
+    """Everything about one divergence, registered together under its name.
+
+    ``value`` is the per-token function every path can run (autograd gives its gradient); ``gradient`` its
+    closed-form value and gradient, which the chunked lens loss uses instead of autograd where it exists; ``kernel``
+    the same closed form written for torch.compile (set by ``fused.py``, which compiles it). A divergence with a
+    ``gradient`` has a ``kernel`` too; tests/test_divergences.py holds every registered one to its value.
+    """
+
+    name: str
+    value: TokenDivergence
+    params: tuple[DivergenceParam, ...] = ()
+    gradient: TokenValueAndGrad | None = None
+    kernel: TokenValueAndGrad | None = None
+
+
+REGISTRY: dict[str, Divergence] = {}
+"""Divergence name -> its record: what configs choose by string."""
 
 
 def register(name: str, *params: DivergenceParam) -> Callable[[TokenDivergence], TokenDivergence]:
     """Register a per-token divergence under ``name``, with the parameters it takes, so configs choose it by string."""
 
     def decorator(fn: TokenDivergence) -> TokenDivergence:
-        TOKEN_DIVERGENCES[name] = fn
-        DIVERGENCE_PARAMS[name] = params
+        REGISTRY[name] = Divergence(name, fn, params)
         return fn
 
     return decorator
+
+
+def register_gradient(name: str) -> Callable[[TokenValueAndGrad], TokenValueAndGrad]:
+    """Register the closed-form value-and-gradient of divergence ``name`` (registered before with its value)."""
+
+    def decorator(fn: TokenValueAndGrad) -> TokenValueAndGrad:
+        get_token_divergence(name)  # one line for a name with no value registered
+        REGISTRY[name].gradient = fn
+        return fn
+
+    return decorator
+
+
+def closed_forms() -> list[str]:
+    """Names of the divergences with a closed-form gradient (and so a fused kernel)."""
+    return sorted(name for name, divergence in REGISTRY.items() if divergence.gradient is not None)
 
 
 def check_divergence_params(name: str, params: Mapping[str, float], field: str) -> None:
@@ -75,7 +106,7 @@ def check_divergence_params(name: str, params: Mapping[str, float], field: str) 
     that lies out of its range (e.g. ``model.loss.kd_params.betta: unknown parameter of reverse_kl (it takes none)``).
     """
     get_token_divergence(name)
-    declared = {param.name: param for param in DIVERGENCE_PARAMS[name]}
+    declared = {param.name: param for param in REGISTRY[name].params}
     for key, value in params.items():
         if key not in declared:
             takes = ", ".join(declared) or "none"
@@ -90,20 +121,10 @@ def check_divergence_params(name: str, params: Mapping[str, float], field: str) 
 def get_token_divergence(name: str) -> TokenDivergence:
     """The per-token divergence registered as ``name``; a clear error lists the valid names."""
     try:
-        return TOKEN_DIVERGENCES[name]
+        return REGISTRY[name].value
     except KeyError:
-        valid = ", ".join(sorted(TOKEN_DIVERGENCES))
+        valid = ", ".join(sorted(REGISTRY))
         raise ValueError(f"unknown divergence {name!r}; valid names: {valid}") from None
-
-
-def register_gradient(name: str) -> Callable[[TokenValueAndGrad], TokenValueAndGrad]:
-    """Register a closed-form value-and-gradient for divergence ``name`` (the chunked lens loss's fast path)."""
-
-    def decorator(fn: TokenValueAndGrad) -> TokenValueAndGrad:
-        TOKEN_GRADIENTS[name] = fn
-        return fn
-
-    return decorator
 
 
 def get_divergence(name: str) -> Callable[..., Tensor]:
@@ -283,7 +304,7 @@ def _masked(token_fn: TokenDivergence) -> Callable[..., Tensor]:
     return divergence
 
 
-DIVERGENCES: dict[str, Callable[..., Tensor]] = {name: _masked(fn) for name, fn in TOKEN_DIVERGENCES.items()}
+DIVERGENCES: dict[str, Callable[..., Tensor]] = {name: _masked(d.value) for name, d in REGISTRY.items()}
 forward_kl = DIVERGENCES["forward_kl"]
 reverse_kl = DIVERGENCES["reverse_kl"]
 jeffreys = DIVERGENCES["jeffreys"]

@@ -62,8 +62,8 @@ class LossConfig:
     """Rows projected to the vocabulary at once by the chunked lens and final-layer losses (peak memory knob)."""
     fused: bool = True
     """Run the divergences' closed-form values and gradients (forward_kl, reverse_kl, jsd) as kernels compiled by
-    torch.compile: the same fp32 arithmetic in a few loops per row instead of about twenty passes over memory (on the
-    default, a bf16 step 1.13x faster; README, Speed). The first steps wait a few seconds for the compiler; where it
+    torch.compile: the same fp32 arithmetic in a few loops per row instead of about twenty passes over memory (how
+    much faster: README, Speed). The first steps wait a few seconds for the compiler; where it
     cannot run (no C++ compiler or Triton), one warning says so and the eager kernels run. false: eager always."""
     lens_impl: str = "chunked"
     """How the lens term is computed: "chunked" (memory-bounded, the default) or "naive" (the published code's

@@ -655,7 +655,9 @@ def main(argv: list[str] | None = None) -> None:
     preset = Preset.load(options.preset)
     out = (options.out or ROOT / "logs" / "replicate" / preset.name).resolve()
     if not options.table_only:
-        run_all(only(preset, options.methods, options.decodings, not options.no_teacher), out, options.in_process)
+        run_all(
+            only(preset, options.methods, options.decodings, not options.no_teacher), out, options.in_process
+        )
     runs = finished_runs(preset, out)
     summary = summarise(preset, runs)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,9 @@ CASES = [("forward_kl", {}), ("reverse_kl", {"temperature": 0.7}), ("jsd", {}), 
 
 
 def test_every_closed_form_gradient_has_a_fused_kernel():
-    assert {name for name, _ in CASES} == set(losses.TOKEN_GRADIENTS) == set(fused.KERNELS)
-    assert all(fused.has_kernel(name) for name in losses.TOKEN_GRADIENTS)
+    assert {name for name, _ in CASES} == set(losses.closed_forms())
+    assert all(losses.REGISTRY[name].kernel is not None for name in losses.closed_forms())
+    assert all(fused.has_kernel(name) for name in losses.closed_forms())
     assert not fused.has_kernel("akl")  # no closed form: autograd through the per-token function
 
 
@@ -39,7 +40,9 @@ def test_the_compiled_kernel_equals_the_eager_closed_form_for_any_row_count(name
     for rows, with_inf in [(16, False), (5, True), (1, False)]:  # one kernel, several counts (dynamic rows)
         student, teacher = logits(rows, dtype, 1, with_inf), logits(rows, dtype, 2, with_inf)
         values, grad = fused.value_and_weighted_grad(name, student, teacher, weight, fused=True, **params)
-        eager_values, eager_grad = losses.TOKEN_GRADIENTS[name](student, teacher, **params)  # fp32 reference
+        eager_values, eager_grad = losses.REGISTRY[name].gradient(
+            student, teacher, **params
+        )  # fp32 reference
         assert values.dtype == torch.float32 and grad.dtype == dtype and grad.shape == (rows, V)
         assert torch.isfinite(values).all() and torch.isfinite(grad).all()
         torch.testing.assert_close(values, eager_values, rtol=1e-5, atol=1e-6)
@@ -67,7 +70,7 @@ def test_entries_masked_in_one_model_only_give_the_jsd_of_its_definition(masked,
     values, grad = fused.value_and_weighted_grad(
         "jsd", student, teacher, torch.tensor(1.0), fused=True, beta=beta
     )
-    eager_values, eager_grad = losses.TOKEN_GRADIENTS["jsd"](student, teacher, beta=beta)
+    eager_values, eager_grad = losses.REGISTRY["jsd"].gradient(student, teacher, beta=beta)
     for got in (values, fused.values("jsd", student, teacher, fused=True, beta=beta), eager_values):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(grad).all()
@@ -108,10 +111,10 @@ def test_a_compiler_failure_warns_once_and_runs_the_eager_kernel(monkeypatch, ca
     assert len(warnings) == 1 and len(calls) == 1  # the second kernel does not try again on this device
     assert "No working C++ compiler found" in warnings[0] and "more detail" not in warnings[0]
     assert "model.loss.fused: false" in warnings[0]
-    eager = losses.TOKEN_GRADIENTS["reverse_kl"](student, teacher)
+    eager = losses.REGISTRY["reverse_kl"].gradient(student, teacher)
     torch.testing.assert_close(first[0], eager[0])
     torch.testing.assert_close(first[1], eager[1])
-    torch.testing.assert_close(second, losses.TOKEN_GRADIENTS["jsd"](student, teacher)[0])
+    torch.testing.assert_close(second, losses.REGISTRY["jsd"].gradient(student, teacher)[0])
 
 
 def lens_pair(seed: int) -> LogitLens:
@@ -187,7 +190,7 @@ def test_under_a_dispatch_mode_the_eager_kernel_runs_and_nothing_is_compiled(mon
     with FlopCounterMode(display=False):
         values, grad = fused.value_and_weighted_grad("jsd", student, teacher, torch.tensor(1.0), fused=True)
     assert fused._COMPILED == {}
-    eager_values, eager_grad = losses.TOKEN_GRADIENTS["jsd"](student, teacher)
+    eager_values, eager_grad = losses.REGISTRY["jsd"].gradient(student, teacher)
     torch.testing.assert_close(values, eager_values)
     torch.testing.assert_close(grad, eager_grad)
     fused.value_and_weighted_grad("jsd", student, teacher, torch.tensor(1.0), fused=True)

@@ -20,14 +20,13 @@ from distillens.objective import LayerPairs, LossConfig, Terms, token_means
 
 def test_every_declared_parameter_is_a_keyword_of_its_divergence_with_the_same_default():
     """The registry is what configs are checked against; the functions are what runs: they must agree."""
-    assert losses.DIVERGENCE_PARAMS.keys() == losses.TOKEN_DIVERGENCES.keys()
-    for name, fn in losses.TOKEN_DIVERGENCES.items():
+    for name, registered in losses.REGISTRY.items():
         keywords = {
             p.name: p.default
-            for p in inspect.signature(fn).parameters.values()
+            for p in inspect.signature(registered.value).parameters.values()
             if p.kind is p.KEYWORD_ONLY and p.name != "temperature"
         }
-        declared = {param.name: param.default for param in losses.DIVERGENCE_PARAMS[name]}
+        declared = {param.name: param.default for param in registered.params}
         assert declared == keywords, name
 
 
@@ -68,7 +67,7 @@ def test_declared_parameters_at_the_ends_of_their_range_are_accepted_and_used(na
     student, teacher = torch.randn(
         2, 3, 11, generator=torch.Generator().manual_seed(0)
     ).unbind()  # (3, 11) each
-    computed = losses.TOKEN_DIVERGENCES[name](student, teacher, **params)  # (3,)
+    computed = losses.REGISTRY[name].value(student, teacher, **params)  # (3,)
     torch.testing.assert_close(computed, divergence(name, student, teacher, **params))
     assert not torch.allclose(computed, divergence(name, student, teacher))  # the default would differ
 
@@ -84,9 +83,9 @@ def test_loss_help_lists_every_divergence_and_its_parameters(capsys, monkeypatch
         main(["fit", "--model.loss.help"])
     assert stop.value.code in (0, None)
     text = " ".join(capsys.readouterr().out.split())
-    for name, params in losses.DIVERGENCE_PARAMS.items():
+    for name, registered in losses.REGISTRY.items():
         assert name in text, name
-        for param in params:
+        for param in registered.params:
             assert f"{name} takes {param.name}" in text, (name, param)
 
 
