@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, RichProgres
 from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from distillens.diagnostics import lens_diagnostics, plot_lens_diagnostics
+from distillens.diagnostics import copied_depths, lens_diagnostics, plot_lens_diagnostics
 from distillens.evaluation import GenerationEvaluator, GenerationSettings
 from distillens.generation import eval_mode
 from distillens.lens import LogitLens
@@ -463,17 +463,6 @@ class ExportStudent(L.Callback):
                 adapter_only=self.adapter_only, overwrite=self.overwrite, student_spec=pl_module.student_spec,
             )  # fmt: skip
             print(f"student exported to {folder}")
-
-
-def copied_depths(copied_from: list[int] | None) -> tuple[list[int], list[int]] | None:
-    """Every depth of a layer-subset student with the teacher depth its block was copied from (None otherwise).
-
-    Student hidden state b + 1 is the output of a copy of teacher block c, hidden state c + 1; the embeddings (0)
-    are shared. Any other student is compared at the same relative depth (``lens_diagnostics``' default).
-    """
-    if not copied_from:
-        return None
-    return list(range(len(copied_from) + 1)), [0, *(block + 1 for block in copied_from)]
 
 
 class LensDiagnostics(L.Callback):

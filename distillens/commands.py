@@ -45,7 +45,7 @@ class Command:
 COMMANDS = {
     "export": Command("distillens.export:export_checkpoint", "student exported to {}", positional=True),
     "diagnose": Command(
-        "distillens.diagnostics:diagnose", "lens diagnostics written to {} and {}", positional=False
+        "distillens.diagnose:diagnose", "lens diagnostics written to {} and {}", positional=False
     ),
 }
 

@@ -647,7 +647,7 @@ def test_a_cut_checkpoint_is_one_error_line_naming_the_file(
         ],
     }[command]  # fmt: skip
     if command == "diagnose":  # the teacher is loaded first: make it cheap, the checkpoint is what fails
-        monkeypatch.setattr("distillens.diagnostics.load_model", lambda spec, teacher=None: None)
+        monkeypatch.setattr("distillens.diagnose.load_model", lambda spec, teacher=None: None)
     code, _, err = run_in_process(args, capsys)
     assert code == 1
     assert err.strip().splitlines() == [err.strip()] and err.startswith(ERROR_PREFIX), err
@@ -835,7 +835,7 @@ def test_export_and_diagnose_load_without_lightnings_cli(tmp_path):
         try:
             main(["export", "--help"])
         except SystemExit:
-            print("lightning.pytorch.cli" in sys.modules, "distillens.diagnostics" in sys.modules, file=sys.stderr)
+            print("lightning.pytorch.cli" in sys.modules, "distillens.diagnose" in sys.modules, file=sys.stderr)
         """,
         tmp_path,
     )

@@ -16,9 +16,9 @@ from matplotlib.image import imread
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillens.cli import main
+from distillens.diagnose import labelled_batches
 from distillens.diagnostics import (
     LensReport,
-    labelled_batches,
     lens_diagnostics,
     proportional_depths,
     save_lens_diagnostics,
@@ -328,12 +328,12 @@ def layer_subset_checkpoint(model_folders, tmp_path) -> Path:
 def test_diagnose_on_a_checkpoint_defaults_to_the_pairs_and_template_it_trained_with(
     options, student_layers, teacher_layers, model_folders, layer_subset_checkpoint, tmp_path, monkeypatch
 ):
-    import distillens.diagnostics as diagnostics
+    import distillens.diagnose as diagnose
 
     templates = []
-    batches = diagnostics.labelled_batches
+    batches = diagnose.labelled_batches
     monkeypatch.setattr(
-        diagnostics,
+        diagnose,
         "labelled_batches",
         lambda *a, **kw: templates.append(kw["template"]) or batches(*a, **kw),
     )

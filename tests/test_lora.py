@@ -319,7 +319,7 @@ def test_a_malformed_adapter_config_is_one_line_naming_the_file(model_dir, tmp_p
 def test_diagnose_of_a_run_whose_teacher_had_an_adapter_merges_it(model_dir, tmp_path, monkeypatch):
     """`diagnose --teacher <the run's teacher> --student run.ckpt` measures against the teacher the run trained
     with, its adapter merged, not the plain base (which differs: test_teacher_adapter_is_merged_at_load)."""
-    import distillens.diagnostics as diagnostics
+    import distillens.diagnose as diagnose
 
     module = make_module(model_dir, lora=None)
     module.configure_model()
@@ -341,10 +341,10 @@ def test_diagnose_of_a_run_whose_teacher_had_an_adapter_merges_it(model_dir, tmp
         teachers.append(teacher.model)
         raise Stop
 
-    monkeypatch.setattr(diagnostics, "labelled_batches", lambda *args, **kwargs: [])
-    monkeypatch.setattr(diagnostics, "lens_diagnostics", measured)
+    monkeypatch.setattr(diagnose, "labelled_batches", lambda *args, **kwargs: [])
+    monkeypatch.setattr(diagnose, "lens_diagnostics", measured)
     with pytest.raises(Stop):
-        diagnostics.diagnose(str(model_dir / "teacher"), str(checkpoint), "unused", str(tmp_path / "out"))
+        diagnose.diagnose(str(model_dir / "teacher"), str(checkpoint), "unused", str(tmp_path / "out"))
     want = load_model(
         ModelSpec(source=str(model_dir / "teacher"), adapter=str(model_dir / "teacher_adapter"))
     )
