@@ -25,6 +25,7 @@ from distillens.objective import token_means
 from distillens.records import shard_loader
 from distillens.results import metric_values, results_markdown, write_results
 from distillens.resume import adopt_last_checkpoints, checkpoint_folders, last_checkpoint_lags, save_as_last
+from distillens.teacher_cache import is_stripped
 
 log = logging.getLogger(__name__)
 
@@ -451,6 +452,9 @@ class ExportStudent(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if any(getattr(callback, "interrupted", False) for callback in trainer.callbacks):
             return  # Ctrl-C: the student is half-trained, and the run goes on from its last.ckpt
+        targets = getattr(pl_module, "teacher_targets", None)
+        if targets is not None and targets.build_only:
+            return  # `distillens teach`: the teacher cache was the work, the student is untrained
         from distillens.distributed import consolidated_model
         from distillens.export import export_trained_student
 
@@ -489,8 +493,9 @@ class LensDiagnostics(L.Callback):
         self._validations = 0
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or pl_module.teacher is None or trainer.datamodule is None:
-            return
+        teacher = pl_module.teacher
+        if trainer.sanity_checking or teacher is None or is_stripped(teacher) or trainer.datamodule is None:
+            return  # no teacher to run: none, or its blocks freed for cached targets
         self._validations += 1
         if self._validations % self.every_n_val:
             return

@@ -22,6 +22,8 @@ from distillens.console import (
 )
 
 COMMAND_NAMES = ("export", "diagnose")
+TEACH = ("teach", ["--model.teacher_targets.build_only", "true"])
+"""`distillens teach ...` is `distillens fit ...` that builds the teacher cache and stops before the first step."""
 """The commands beside LightningCLI's (the keys of distillens.commands.COMMANDS, named here so that choosing one
 imports nothing)."""
 
@@ -32,6 +34,8 @@ def main(args: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if from_command_line else args)
     debug = debug_requested(args)
     args = [a for a in args if a != DEBUG_FLAG]
+    if args[:1] == [TEACH[0]]:
+        args = ["fit", *args[1:], *TEACH[1]]
     if from_command_line:
         sys.argv = sys.argv[:1] + args  # LightningCLI reads sys.argv itself
     with ctrl_c_as_one_line(debug), user_errors_as_one_line(debug):

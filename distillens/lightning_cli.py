@@ -31,6 +31,9 @@ class DistillensParser(LightningArgumentParser):
         subcommands = super().add_subcommands(**kwargs)
         for name, command in COMMANDS.items():
             subcommands.add_subcommand(name, command_parser(name), help=command.summary)
+        teach = "Run the teacher once over the training and validation splits and cache its targets "
+        teach += "(model.teacher_targets); takes fit's options"
+        subcommands.add_subcommand("teach", LightningArgumentParser(description=teach), help=teach)
         return subcommands
 
 

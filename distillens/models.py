@@ -334,6 +334,37 @@ def _from_source(spec: ModelSpec) -> PreTrainedModel:
         return AutoModelForCausalLM.from_pretrained(location.name, **options, **hub)
 
 
+def teacher_skeleton(spec: ModelSpec) -> PreTrainedModel:
+    """The model a spec names, with no weights (every parameter on the meta device): its structure (depth, layer
+    pairs, vocabulary) without reading or initialising a tensor, for a run whose cached targets replace it."""
+    with torch.device("meta"):
+        if spec.config is not None:
+            return _from_config(spec)
+        location = _locate(spec.source)
+        options = {"gguf_file": location.gguf_file} if location.gguf_file else {}
+        with _hub_errors(location, spec.revision):
+            config = AutoConfig.from_pretrained(
+                location.name, trust_remote_code=spec.trust_remote_code, **options,
+                **_hub_options(location, spec.revision),
+            )  # fmt: skip
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+
+
+def weight_files(spec: ModelSpec) -> list[str]:
+    """The local files or folders a spec's weights come from (its source and its adapter; none for a config or a
+    hub id): what a cache of the model's outputs is keyed by."""
+    paths = []
+    if spec.source is not None:
+        location = _locate(spec.source)
+        if not location.is_hub_id:
+            paths.append(
+                str(Path(location.name) / location.gguf_file) if location.gguf_file else location.name
+            )
+    if spec.adapter is not None and Path(spec.adapter).expanduser().exists():
+        paths.append(str(Path(spec.adapter).expanduser()))
+    return paths
+
+
 def _locate(source: str, tokenizer_only: bool = False) -> _Location:
     """Classify a source string: embedded teacher, GGUF file, local folder or hub id (in that order). With
     ``tokenizer_only``, the embedded teacher's tokenizer folder (`default_tokenizer_dir`) is enough."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -53,6 +54,8 @@ from distillens.models import (
     position_limit,
     rebuildable,
     teacher_model_spec,
+    teacher_skeleton,
+    weight_files,
 )
 from distillens.objective import LayerPairs, LossConfig, Objective, Terms, token_means
 from distillens.onpolicy import (
@@ -74,6 +77,18 @@ from distillens.sampling import (
     seeded_dropout,
 )
 from distillens.sharding import is_sharded
+from distillens.teacher_cache import (
+    TEACHER_TARGETS,
+    CacheLocation,
+    TeacherCache,
+    TeacherTargets,
+    TeacherView,
+    files_fingerprint,
+    is_complete,
+    is_stripped,
+    locate,
+    prepare,
+)
 
 
 class DistillationModule(L.LightningModule):
@@ -88,6 +103,7 @@ class DistillationModule(L.LightningModule):
         generation: sampling settings of generation-based evaluation.
         on_policy: training on the student's own answers (on-policy) or the teacher's (sequence-level KD) for a
             fraction of the micro-batches.
+        teacher_targets: the live teacher in every step, or its targets computed once and cached (teacher_cache.py).
     """
 
     def __init__(
@@ -99,6 +115,7 @@ class DistillationModule(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
         generation: GenerationSettings | None = None,
         on_policy: OnPolicyConfig | None = None,
+        teacher_targets: TeacherTargets | None = None,
     ) -> None:
         super().__init__()
         self.student_spec = _as(ModelSpec, student)
@@ -110,6 +127,9 @@ class DistillationModule(L.LightningModule):
         self.on_policy = _as(OnPolicyConfig, on_policy or OnPolicyConfig())
         self.loss_config.check(has_teacher=self.teacher_spec is not None)
         self.on_policy.check(self.teacher_spec is not None, self.loss_config.reads_teacher)
+        self.teacher_targets = _as(TeacherTargets, teacher_targets or TeacherTargets())
+        loss = self.loss_config
+        self.teacher_targets.check(loss.reads_teacher, self.on_policy.enabled, bool(loss.mse_weight))
         # plain dicts and lists: checkpoints load with torch.load(weights_only=True), hparams.yaml with safe_load
         self.save_hyperparameters(
             json.loads(json.dumps({
@@ -120,6 +140,7 @@ class DistillationModule(L.LightningModule):
                 "optimizer": asdict(self.optimizer_config),
                 "generation": asdict(self.generation),
                 "on_policy": asdict(self.on_policy),
+                "teacher_targets": asdict(self.teacher_targets),
             }))
         )  # fmt: skip
         for role, spec in (("student", self.student_spec), ("teacher", self.teacher_spec)):
@@ -135,6 +156,7 @@ class DistillationModule(L.LightningModule):
         self._window_batches = 0  # micro-batches since the last optimizer step: part of the lens draw's seed
         self.rollouts = RolloutWindow()  # the sources of this step's micro-batches and their generation cost
         self.val_sums = nn.ModuleDict()  # term -> SumMetric of token sums over the evaluation set
+        self.teacher_cache: TeacherCache | None = None  # a fit's cached teacher targets (on_fit_start)
         object.__setattr__(self, "teacher", None)  # not a submodule: see the module docstring
 
     # ------------------------------------------------------------------------------------------------------------
@@ -144,34 +166,20 @@ class DistillationModule(L.LightningModule):
         """Build teacher and student here (not in __init__) so strategies can create large ones sharded."""
         if self.student is not None:
             return
-        teacher = load_model(self.teacher_spec) if self.teacher_spec is not None else None
+        self._cache_location = teacher_cache_location(self)  # None: the teacher runs live
+        teacher = build_teacher(self)
         self.student = load_model(self.student_spec, teacher=teacher)
         self.student.train()  # a copy of an eval-mode teacher's blocks would otherwise stay in eval mode
         if teacher is not None:
             teacher.requires_grad_(False).eval()
             object.__setattr__(self, "teacher", teacher)
             check_same_vocabulary(self.student, teacher)
-        self._check_sequence_lengths()
+        check_sequence_lengths(self)
         self.objective = Objective(
             self.loss_config, self.layer_pairs, self.student, teacher, self.projections,
             copied_from=self.student_spec.init_from_teacher_layers,
         )  # fmt: skip
         self._apply_strategy()
-
-    def _check_sequence_lengths(self) -> None:
-        """Every sequence the run's settings make fits the models that read it (``models.check_run_lengths``)."""
-        data = getattr(self._trainer, "datamodule", None)
-        max_length, max_prompt = getattr(data, "max_length", None), getattr(data, "max_prompt_length", None)
-        if not isinstance(max_length, int) or not isinstance(max_prompt, int):
-            return  # no trainer, or a data module without these settings
-        models = {"student": self.student, "teacher": self.teacher}
-        limits = {role: position_limit(model, role) for role, model in models.items() if model is not None}
-        generates = self.generation.every_n_val > 0 or self._trainer.state.fn == "test"
-        check_run_lengths(
-            max_length, max_prompt, list(limits.values()),
-            on_policy_new_tokens=self.on_policy.max_new_tokens if self.on_policy.enabled else None,
-            generation=(self.generation.max_new_tokens, limits.get(self.generation.generator)) if generates else None,
-        )  # fmt: skip
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Generation-based evaluation with this module's settings, in every run that tests or validates, and a
@@ -200,7 +208,7 @@ class DistillationModule(L.LightningModule):
             shard_models(self.student, self.teacher, self.projections, self.device_mesh, options)
 
     def _place_teacher(self) -> None:
-        if self.teacher is None:
+        if self.teacher is None or is_stripped(self.teacher):  # cached targets: placed before its blocks went
             return
         if not is_sharded(self.teacher):  # FSDP placed the shards: on the device, or offloaded to CPU
             self.teacher.to(self.device)
@@ -208,6 +216,10 @@ class DistillationModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._place_teacher()
+        if self._cache_location is not None:  # build the cache if missing, then free the teacher's blocks
+            self.teacher_cache = prepare(
+                self._cache_location, self.teacher_targets, TeacherView.of(self.objective), self
+            )
 
     def on_validation_start(self) -> None:
         self._place_teacher()
@@ -231,7 +243,7 @@ class DistillationModule(L.LightningModule):
         return draw_seed(_run_seed(), self.global_step, self._window_batches, *stream)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        batch = self._maybe_roll_out(batch)
+        batch = self._with_cached_targets(self._maybe_roll_out(batch), "train")
         with seeded_dropout(self._draw_seed(DROPOUT_STREAM, self.global_rank), self.device):
             terms = self(batch)
         self._window_tokens += int(terms.tokens)
@@ -281,24 +293,8 @@ class DistillationModule(L.LightningModule):
                     param.grad.mul_(scale)
         self._window_tokens = self._window_batches = 0
         if self.on_policy.enabled:
-            self._log_rollouts()
+            log_rollouts(self)
             self.rollouts = RolloutWindow()
-
-    def _log_rollouts(self) -> None:
-        """The step's fractions of micro-batches answered by the student and by the teacher, its generation time
-        and, on steps that generated, the mean generated length (both averaged over ranks).
-
-        The length goes to the loggers directly: a value logged with ``self.log`` on some steps only would be
-        repeated by Lightning on the steps in between, which generated nothing.
-        """
-        metrics = self.rollouts.metrics()
-        length = metrics.pop("gen_length", None)
-        for name, value in metrics.items():
-            self.log(f"train/{name}", float(value), sync_dist=name == "gen_time")
-        if length is not None:  # every rank generated in this step (the same source on every rank)
-            mean = self.trainer.strategy.reduce(torch.tensor(length, device=self.device), reduce_op="mean")
-            for logger in self.loggers:
-                logger.log_metrics({"train/gen_length": float(mean)}, step=self.global_step)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._accumulate_eval(batch)
@@ -308,7 +304,14 @@ class DistillationModule(L.LightningModule):
         if "labels" in batch:
             self._accumulate_eval(batch)
 
+    def _with_cached_targets(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
+        """The micro-batch with its cached teacher targets when this fit reads a teacher cache."""
+        if self.teacher_cache is None or (split == "validation" and self.trainer.state.fn != "fit"):
+            return batch
+        return {**batch, TEACHER_TARGETS: self.teacher_cache.targets(batch, split)}
+
     def _accumulate_eval(self, batch: dict[str, Tensor]) -> None:
+        batch = self._with_cached_targets(batch, "validation")
         for name, value in self(batch).token_sums().items():
             key = name.replace("/", "__")  # ModuleDict keys cannot hold "/" or "."
             if key not in self.val_sums:
@@ -378,6 +381,51 @@ class DistillationModule(L.LightningModule):
         return self._base_fingerprint
 
 
+def check_sequence_lengths(module: DistillationModule) -> None:
+    """Every sequence the run's settings make fits the models that read it (``models.check_run_lengths``)."""
+    data = getattr(module._trainer, "datamodule", None)
+    max_length, max_prompt = getattr(data, "max_length", None), getattr(data, "max_prompt_length", None)
+    if not isinstance(max_length, int) or not isinstance(max_prompt, int):
+        return  # no trainer, or a data module without these settings
+    models = {"student": module.student, "teacher": module.teacher}
+    limits = {role: position_limit(model, role) for role, model in models.items() if model is not None}
+    generates = module.generation.every_n_val > 0 or module._trainer.state.fn == "test"
+    check_run_lengths(
+        max_length, max_prompt, list(limits.values()),
+        on_policy_new_tokens=module.on_policy.max_new_tokens if module.on_policy.enabled else None,
+        generation=(module.generation.max_new_tokens, limits.get(module.generation.generator)) if generates else None,
+    )  # fmt: skip
+
+
+def build_teacher(module: DistillationModule) -> PreTrainedModel | None:
+    """The teacher, whole; or only its structure when complete top-k targets replace it and no student block
+    is copied from it."""
+    if module.teacher_spec is None:
+        return None
+    location, targets = module._cache_location, module.teacher_targets
+    copies_blocks = module.student_spec.init_from_teacher_layers is not None
+    if location is not None and targets.kind == "topk" and is_complete(location.folder) and not copies_blocks:
+        return teacher_skeleton(module.teacher_spec)
+    return load_model(module.teacher_spec)
+
+
+def log_rollouts(module: DistillationModule) -> None:
+    """The step's fractions of micro-batches answered by the student and by the teacher, its generation time
+    and, on steps that generated, the mean generated length (both averaged over ranks).
+
+    The length goes to the loggers directly: a value logged with ``module.log`` on some steps only would be
+    repeated by Lightning on the steps in between, which generated nothing.
+    """
+    metrics = module.rollouts.metrics()
+    length = metrics.pop("gen_length", None)
+    for name, value in metrics.items():
+        module.log(f"train/{name}", float(value), sync_dist=name == "gen_time")
+    if length is not None:  # every rank generated in this step (the same source on every rank)
+        mean = module.trainer.strategy.reduce(torch.tensor(length, device=module.device), reduce_op="mean")
+        for logger in module.loggers:
+            logger.log_metrics({"train/gen_length": float(mean)}, step=module.global_step)
+
+
 def check_same_tokenizer(student: ModelSpec, teacher: ModelSpec | None, student_tokenizer) -> None:
     """When teacher and student name different tokenizers, their token-to-id maps must still be identical."""
     student_source = student.tokenizer_source
@@ -403,3 +451,25 @@ def _run_seed() -> int:
 def _as(cls, value):
     """Accept a dataclass instance or its dict form (as stored in checkpoints' hyper-parameters)."""
     return cls(**value) if isinstance(value, dict) else value
+
+
+def teacher_cache_location(module: DistillationModule) -> CacheLocation | None:
+    """Where this fit's cached teacher targets live, keyed by everything that changes them; None when the
+    teacher runs live (its kind is live, or the stage is not fit)."""
+    trainer = module._trainer
+    if not module.teacher_targets.cached or trainer is None or trainer.state.fn != "fit":
+        return None
+    data, spec, loss = trainer.datamodule, module.teacher_spec, module.loss_config
+    key = {
+        "teacher": asdict(spec),
+        "files": [files_fingerprint(path) for path in weight_files(spec)],
+        "seed": _run_seed() if spec.config is not None else None,  # a random-config teacher's weights
+        "splits": {name: data.split_key(name) for name in ("train", "validation") if name in data.splits},
+        "layers": asdict(module.layer_pairs),
+        "lens_pairs": bool(loss.lens_weight or loss.mse_weight),
+        "copied_from": module.student_spec.init_from_teacher_layers,
+        "precision": str(trainer.precision),
+        "temperature": loss.temperature,
+        "lens_final_norm": loss.lens_final_norm,
+    }
+    return locate(module.teacher_targets, key, Path(data.cache_dir) / "teacher")

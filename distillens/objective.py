@@ -26,6 +26,8 @@ from distillens.lens import LogitLens, lens_loss, naive_lens_loss, projected_div
 from distillens.losses import HAS_REFERENCE, IGNORE_INDEX, check_divergence_params, masked_mse
 from distillens.sampling import LensDraw, check_sampling, draw_lens_subset, exact_draw
 from distillens.sharding import gathered
+from distillens.teacher_cache import TEACHER_TARGETS, CachedTargets
+from distillens.topk import TopK, topk_divergence
 
 log = logging.getLogger(__name__)
 
@@ -308,24 +310,40 @@ class Objective:
             terms.sums["ce"] = torch.zeros((), dtype=torch.float32, device=labels.device)
         if self.teacher is None or (training and not self.config.reads_teacher):
             return terms  # plain SFT with a teacher (for initialisation and validation): no teacher forward
+        cached: CachedTargets | None = batch.get(TEACHER_TARGETS)
+        s_hidden = {i: h[:, :-1] for i, h in s_hidden.items()}  # (B, T-1, d_s) aligned with the mask
+        if cached is not None and cached.topk:
+            with gathered(self.student), float32_default_dtype():
+                return self._teacher_terms(terms, s_hidden, cached.topk, mask, training, draw_seed)
+        t_hidden = cached.hidden if cached is not None else self._teacher_hidden(inputs)  # (B, T-1, d_t) each
+        # the lens reads full final norm + unembedding weights: gathered when sharded; divergences in fp32
+        with gathered(self.student, self.teacher), float32_default_dtype():
+            self._teacher_terms(terms, s_hidden, t_hidden, mask, training, draw_seed)
+            if self.config.mse_weight:
+                terms.sums["mse"] = self.mse_sum(s_hidden, t_hidden, mask)
+        return terms
+
+    def _teacher_hidden(self, inputs: dict[str, Tensor]) -> dict[int, Tensor]:
+        """The live teacher's hidden states at the paired layers and its last: index -> (B, T-1, d_t)."""
         teacher_depth = self.teacher_lens.num_layers
         with torch.no_grad(), self.teacher_lens.capture(self.teacher_layers + [teacher_depth]) as t_hidden:
             self.teacher(
                 **inputs, use_cache=False, logits_to_keep=1
             )  # hidden states only: no (B, T, V) logits
-        s_hidden = {i: h[:, :-1] for i, h in s_hidden.items()}  # (B, T-1, d_s) aligned with the mask
-        t_hidden = {j: h[:, :-1] for j, h in t_hidden.items()}  # (B, T-1, d_t)
-        # the lens reads full final norm + unembedding weights: gathered when sharded; divergences in fp32
-        with gathered(self.student, self.teacher), float32_default_dtype():
-            if self.config.kd_weight or not training:
-                terms.sums["kd"] = self.final_layer_sum(
-                    s_hidden[student_depth], t_hidden[teacher_depth], mask
-                )
-            if self.student_layers and (self.config.lens_weight or not training):
-                draw = self.lens_draw(mask, training, draw_seed)
-                terms.sums["lens"], terms.pair_means = self.lens_sum(s_hidden, t_hidden, draw)
-            if self.config.mse_weight:
-                terms.sums["mse"] = self.mse_sum(s_hidden, t_hidden, mask)
+        return {j: h[:, :-1] for j, h in t_hidden.items()}  # (B, T-1, d_t)
+
+    def _teacher_terms(self, terms: Terms, s_hidden: dict, teacher: dict, mask: Tensor, training: bool,
+                       draw_seed: int) -> Terms:  # fmt: skip
+        """The final-layer and lens terms against the teacher: its hidden states (live or cached), or cached top-k
+        targets ("final" and "lens<j>" -> ``TopK``)."""
+        student_depth = self.student_lens.num_layers
+        if self.config.kd_weight or not training:
+            terms.sums["kd"] = self.final_layer_sum(
+                s_hidden[student_depth], teacher.get("final", teacher.get(self.teacher_lens.num_layers)), mask
+            )
+        if self.student_layers and (self.config.lens_weight or not training):
+            draw = self.lens_draw(mask, training, draw_seed)
+            terms.sums["lens"], terms.pair_means = self.lens_sum(s_hidden, teacher, draw, mask)
         return terms
 
     def _capture_student(self, layers: list[int]) -> contextlib.AbstractContextManager[dict[int, Tensor]]:
@@ -334,12 +352,19 @@ class Objective:
             return contextlib.nullcontext({})
         return self.student_lens.capture(sorted(set(layers)))
 
-    def final_layer_sum(self, student_last: Tensor, teacher_last: Tensor, mask: Tensor) -> Tensor:
+    def final_layer_sum(self, student_last: Tensor, teacher_last: Tensor | TopK, mask: Tensor) -> Tensor:
         """Token sum of the final-layer divergence between the two models' output distributions.
 
-        ``student_last`` (B, T, d_s) and ``teacher_last`` (B, T, d_t): the last hidden states, aligned with ``mask``.
+        ``student_last`` (B, T, d_s) and ``teacher_last`` (B, T, d_t): the last hidden states, aligned with ``mask``;
+        or ``teacher_last`` the cached top-k targets at the positions of ``mask``.
         """
         config = self.config
+        if isinstance(teacher_last, TopK):
+            value, _ = topk_divergence(
+                [student_last], [teacher_last], self.student_head, mask, config.kd_divergence,
+                chunk_size=config.chunk_size, reduction="sum", temperature=config.temperature, **config.kd_params,
+            )  # fmt: skip
+            return value
         value, _ = projected_divergence(
             [student_last], [teacher_last], self.student_head, self.teacher_head, mask, config.kd_divergence,
             chunk_size=config.chunk_size, reduction="sum", fused=config.fused, temperature=config.temperature,
@@ -355,19 +380,31 @@ class Objective:
         config = self.config
         return draw_lens_subset(mask, pairs, config.lens_pairs_per_step, config.lens_token_fraction, seed)
 
-    def lens_sum(self, s_hidden: dict, t_hidden: dict, draw: LensDraw) -> tuple[Tensor, dict[str, Tensor]]:
+    def lens_sum(
+        self, s_hidden: dict, t_hidden: dict, draw: LensDraw, mask: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The lens term's token sum over the drawn pairs and tokens, and each pair's mean when all are drawn.
 
-        ``s_hidden`` / ``t_hidden``: hidden-state index -> (B, T, d), aligned with ``draw.mask``.
+        ``s_hidden`` / ``t_hidden``: hidden-state index -> (B, T, d), aligned with ``draw.mask``; or ``t_hidden``
+        cached top-k targets ("lens<j>" -> ``TopK`` at the positions of ``mask``, the batch's supervised tokens).
         """
         config = self.config
         s_layers = [self.student_layers[p] for p in draw.pairs]
         t_layers = [self.teacher_layers[p] for p in draw.pairs]
-        lens, per_pair = LENS_IMPLEMENTATIONS[config.lens_impl](
-            [s_hidden[i] for i in s_layers], [t_hidden[j] for j in t_layers], self.student_lens, self.teacher_lens,
-            draw.mask, config.lens_divergence, chunk_size=config.chunk_size, reduction="sum", fused=config.fused,
-            temperature=config.temperature, **config.lens_params,
-        )  # fmt: skip
+        student = [s_hidden[i] for i in s_layers]
+        if f"lens{t_layers[0]}" in t_hidden:
+            drawn = draw.mask[mask.bool()]  # (N,): which supervised positions the draw kept
+            lens, per_pair = topk_divergence(
+                student, [t_hidden[f"lens{j}"].rows(drawn) for j in t_layers], self.student_lens, draw.mask,
+                config.lens_divergence, chunk_size=config.chunk_size, reduction="sum",
+                temperature=config.temperature, **config.lens_params,
+            )  # fmt: skip
+        else:
+            lens, per_pair = LENS_IMPLEMENTATIONS[config.lens_impl](
+                student, [t_hidden[j] for j in t_layers], self.student_lens, self.teacher_lens, draw.mask,
+                config.lens_divergence, chunk_size=config.chunk_size, reduction="sum", fused=config.fused,
+                temperature=config.temperature, **config.lens_params,
+            )  # fmt: skip
         # per-pair values only when every pair is drawn: Lightning would re-log an undrawn pair's stale value
         pair_means = {}
         if len(draw.pairs) == len(self.student_layers):

@@ -16,6 +16,10 @@ PROMPT_LENGTHS = "prompt_lengths"
 """The training batch's (B,) prompt length of each row: where its response starts (on-policy training answers the
 prompts). Optional in a batch built by hand: only on-policy training reads it."""
 
+EXAMPLE_INDEX = "example_index"
+"""The batch's (B,) row of each example in its split, when the rows carry one (``IndexedRows``): where a teacher
+cache keeps that example's targets, whatever order the loader drew it in."""
+
 
 def pad_sequences(
     sequences: Sequence[Sequence[int]], pad_id: int, side: str, multiple_of: int | None
@@ -40,7 +44,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class TrainingCollator:
     """Right-padded teacher-forcing batches; labels are the ids on response/EOS tokens, -100 elsewhere, and each
-    row's prompt length is kept (``PROMPT_LENGTHS``)."""
+    row's prompt length is kept (``PROMPT_LENGTHS``), and its index in the split when it has one (``EXAMPLE_INDEX``)."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
@@ -52,13 +56,16 @@ class TrainingCollator:
         prompt_lengths = torch.tensor([f["prompt_length"] for f in features])  # (B,)
         in_prompt = torch.arange(input_ids.shape[1]) < prompt_lengths[:, None]  # (B, T)
         labels = input_ids.masked_fill(in_prompt | (attention_mask == 0), IGNORE_INDEX)  # (B, T)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "position_ids": position_ids_from_mask(attention_mask),  # (B, T)
             PROMPT_LENGTHS: prompt_lengths,  # (B,)
         }
+        if all("index" in f for f in features):
+            batch[EXAMPLE_INDEX] = torch.tensor([f["index"] for f in features])  # (B,)
+        return batch
 
 
 @dataclass(frozen=True)
@@ -97,3 +104,10 @@ class IndexedRows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.rows[index], "index": index}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A whole batch's rows in one read, as `datasets` serves them to a DataLoader."""
+        return [
+            {**row, "index": index}
+            for row, index in zip(self.rows.__getitems__(indices), indices, strict=True)
+        ]

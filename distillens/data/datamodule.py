@@ -193,7 +193,7 @@ class InstructionDataModule(L.LightningDataModule):
             self.splits["train"] = self._load("train")
         rows = self.splits["train"]
         return ResumableDataLoader(
-            rows,
+            IndexedRows(rows),  # each row's index: where a teacher cache keeps its targets
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(rows), self.seed),
             num_workers=self.num_workers,
@@ -218,7 +218,8 @@ class InstructionDataModule(L.LightningDataModule):
         """Teacher-forced validation batches (for the validation loss); empty when there is no validation set."""
         if "validation" not in self._plans:
             return []
-        return self._loader("validation", TrainingCollator(self.pad_token_id, self.pad_to_multiple_of))
+        collator = TrainingCollator(self.pad_token_id, self.pad_to_multiple_of)
+        return self._loader("validation", collator, indexed=True)
 
     def test_dataloader(self) -> list[DataLoader]:
         """One generation dataloader per test set (see `test_set_names`)."""
@@ -270,6 +271,10 @@ class InstructionDataModule(L.LightningDataModule):
         source_key = self._reader.fingerprint(plan)
         path = split_cache_path(self.cache_dir, plan, self.settings, source_key, self._tokenizer_key)
         return ensure_cached(path, lambda stats: self._build(plan, stats))
+
+    def split_key(self, name: str) -> str:
+        """A split's token-cache folder name: a hash of all its rows depend on (part of a teacher cache's key)."""
+        return self._ensure_cached(self._plans[name]).name
 
     def _build(self, plan: SplitPlan, stats: SplitStats) -> datasets.Dataset:
         """The pipeline for one split (a method, so that a test can count the builds of each process)."""

@@ -1,0 +1,300 @@
+"""Teacher targets computed once (distillens/teacher_cache.py, distillens/topk.py).
+
+- hidden (exact): the loss and every gradient equal the live teacher's, in fp32 to 1e-6, on a batch drawn in another
+  order and padding than the build's; a tiny fit logs the live fit's curves.
+- topk: with k = the vocabulary size it equals the live loss and gradients for every registered divergence; with a
+  smaller k it is never above the exact value (merging outcomes loses information).
+- storage: a build killed part-way is never read as complete and resumes at the missing shard; a changed teacher,
+  template, layer pair, precision or k is another cache folder.
+- a fit reading complete top-k targets builds no teacher block weights; `distillens teach` builds and exports
+  nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+from helpers import REPO, scalars, tiny_fit_config, write_config
+
+from distillens.cli import main
+from distillens.data.collate import TrainingCollator
+from distillens.lightning_cli import run_cli
+from distillens.losses import REGISTRY
+from distillens.module import teacher_cache_location
+from distillens.objective import LayerPairs, LossConfig
+from distillens.teacher_cache import (
+    TEACHER_TARGETS,
+    TeacherCache,
+    TeacherTargets,
+    TeacherView,
+    build,
+    is_complete,
+    is_stripped,
+    strip_blocks,
+)
+
+VOCAB = 101
+ROWS = 7
+
+
+def example_rows(seed: int = 0) -> list[dict]:
+    """Tokenised rows of different lengths: a prompt, then a response (what the pipeline writes)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for length in torch.randint(6, 20, (ROWS,), generator=generator).tolist():
+        prompt = int(torch.randint(2, length - 2, (1,), generator=generator))
+        rows.append(
+            {
+                "input_ids": torch.randint(1, VOCAB, (length,), generator=generator).tolist(),
+                "prompt_length": prompt,
+            }
+        )
+    return rows
+
+
+def batch_of(rows: list[dict], indices: list[int]) -> dict:
+    """A training micro-batch of those rows, as the shuffled loader makes it (indexed, right-padded to 8)."""
+    return TrainingCollator(0, pad_to_multiple_of=8)([{**rows[i], "index": i} for i in indices])
+
+
+def build_cache(module, folder: Path, rows: list[dict], kind: str, k: int = 64) -> TeacherCache:
+    """The teacher's targets over ``rows`` (the train split), built in order, three rows to a batch."""
+    targets, view = TeacherTargets(kind=kind, k=k), TeacherView.of(module.objective)
+    build(folder, targets, view, {"train": rows}, TrainingCollator(0), 3, device=torch.device("cpu"),
+          forward_context=contextlib.nullcontext, temperature=module.loss_config.temperature)  # fmt: skip
+    return TeacherCache(folder, kind, view.layers, view.depth)
+
+
+def loss_and_grads(module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective's training loss (token mean) on ``batch`` and the gradient of every trained parameter."""
+    module.zero_grad()
+    terms = module.objective(batch, training=True)
+    loss = terms.total() / terms.tokens
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def assert_close(actual, expected, bound: float) -> None:
+    loss, grads = actual
+    loss_expected, grads_expected = expected
+    assert float((loss - loss_expected).abs() / loss_expected.abs()) <= bound, (
+        float(loss),
+        float(loss_expected),
+    )
+    assert sorted(grads) == sorted(grads_expected) and grads
+    for name, grad in grads.items():
+        difference = float((grad - grads_expected[name]).norm() / grads_expected[name].norm())
+        assert difference <= bound, f"{name}: relative difference {difference:.3g}"
+
+
+TRAINED = [4, 1, 6, 2]  # a micro-batch in another order and padding than the build's batches
+
+
+def test_hidden_targets_give_the_live_loss_and_gradients(tiny_module, tmp_path):
+    loss = LossConfig(
+        ce_weight=0.5, kd_weight=1.0, kd_divergence="reverse_kl", lens_weight=1.0, mse_weight=0.3
+    )
+    module = tiny_module(loss=loss, layers=LayerPairs(student=[1, 2], teacher=[2, 4]), vocab=VOCAB)
+    rows = example_rows()
+    cache = build_cache(module, tmp_path, rows, "hidden")
+    batch = batch_of(rows, TRAINED)
+    live = loss_and_grads(module, batch)
+    strip_blocks(module.objective.teacher_lens.blocks)  # as in training: the teacher can no longer run
+    cached = loss_and_grads(module, {**batch, TEACHER_TARGETS: cache.targets(batch, "train")})
+    assert_close(cached, live, 1e-6)
+    assert "projections.0.weight" in live[1]  # the MSE baseline's gradient is among those compared
+
+
+@pytest.mark.parametrize("divergence", sorted(REGISTRY))
+def test_topk_targets_with_the_whole_vocabulary_are_exact(divergence, tiny_module, tmp_path):
+    loss = LossConfig(kd_divergence=divergence, lens_divergence=divergence, temperature=1.5, fused=False)
+    module = tiny_module(loss=loss, layers=LayerPairs(student=[1], teacher=[2]), vocab=VOCAB)
+    rows = example_rows()
+    cache = build_cache(module, tmp_path, rows, "topk", k=VOCAB)
+    batch = batch_of(rows, TRAINED)
+    live = loss_and_grads(module, batch)
+    strip_blocks([module.teacher])  # as in training: no teacher weight is left
+    cached = loss_and_grads(module, {**batch, TEACHER_TARGETS: cache.targets(batch, "train")})
+    assert_close(cached, live, 1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_topk_targets_never_exceed_the_exact_divergence(divergence, tiny_module, tmp_path):
+    """Merging the tail into one outcome can only lose information: each term is at most its exact value, and
+    closer with a larger k."""
+    loss = LossConfig(kd_divergence=divergence, lens_divergence=divergence)
+    module = tiny_module(loss=loss, layers=LayerPairs(student=[1], teacher=[2]), vocab=VOCAB)
+    rows = example_rows()
+    batch = batch_of(rows, TRAINED)
+    with torch.no_grad():
+        exact = module.objective(batch, training=True)
+        values = []
+        for k in (4, 32):
+            cache = build_cache(module, tmp_path / f"k{k}", rows, "topk", k=k)
+            values.append(
+                module.objective({**batch, TEACHER_TARGETS: cache.targets(batch, "train")}, training=True)
+            )
+    for term in ("kd", "lens"):
+        small, large = (float(v[term]) for v in values)
+        assert small <= large + 1e-5 and large <= float(exact[term]) + 1e-5, (
+            term,
+            small,
+            large,
+            float(exact[term]),
+        )
+        assert small < float(exact[term]) - 1e-4  # truncation does change the value: the test can tell
+
+
+def test_a_build_killed_part_way_is_not_read_and_resumes(tiny_module, tmp_path, monkeypatch):
+    module = tiny_module(layers=LayerPairs(student=[1], teacher=[2]), vocab=VOCAB)
+    rows = example_rows()
+    monkeypatch.setattr("distillens.teacher_cache.SHARD_ROWS", 3)  # three shards of the seven rows
+    written = []
+    save = __import__("distillens.teacher_cache", fromlist=["_save_atomically"])._save_atomically
+
+    def killed_after_one(tensors, path):
+        if written:
+            raise KeyboardInterrupt  # the build stops here, as at a kill
+        written.append(path.name)
+        save(tensors, path)
+
+    monkeypatch.setattr("distillens.teacher_cache._save_atomically", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(module, tmp_path / "cache", rows, "hidden")
+    assert not is_complete(tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="not complete"):
+        TeacherCache(tmp_path / "cache", "hidden", [2], 4)
+    assert not list((tmp_path / "cache").glob(".*partial"))  # nothing half-written under a shard's name
+
+    resumed = []
+    monkeypatch.setattr(
+        "distillens.teacher_cache._save_atomically", lambda t, p: (resumed.append(p.name), save(t, p))
+    )
+    cache = build_cache(module, tmp_path / "cache", rows, "hidden")
+    assert resumed == ["train-00001.safetensors", "train-00002.safetensors"]  # the first shard was kept
+    fresh = build_cache(module, tmp_path / "fresh", rows, "hidden")
+    batch = batch_of(rows, list(range(ROWS)))
+    for layer, value in fresh.targets(batch, "train").hidden.items():
+        assert torch.equal(cache.targets(batch, "train").hidden[layer], value)
+    assert cache.manifest["splits"]["train"]["tokens"] == int((batch["labels"][:, 1:] != -100).sum())
+
+
+def location_of(module, tmp_path, split_keys=("train-a", "validation-a"), precision="32-true"):
+    """``teacher_cache_location`` of a module in a fit whose data module has these token-cache keys."""
+    data = SimpleNamespace(splits={"train": [], "validation": []}, cache_dir=tmp_path,
+                           split_key=dict(zip(("train", "validation"), split_keys, strict=True)).get)  # fmt: skip
+    module._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), datamodule=data, precision=precision)
+    return teacher_cache_location(module).folder
+
+
+def test_every_setting_that_changes_the_targets_changes_the_cache_folder(tiny_module, tmp_path):
+    targets = TeacherTargets(kind="topk", k=64)
+    pairs = LayerPairs(student=[1], teacher=[2])
+    base = location_of(tiny_module(layers=pairs, teacher_targets=targets), tmp_path)
+    assert base == location_of(
+        tiny_module(layers=pairs, teacher_targets=targets), tmp_path
+    )  # a key, not a nonce
+    changed = {
+        "teacher": location_of(tiny_module(layers=pairs, teacher=(4, 64), teacher_targets=targets), tmp_path),
+        "template (another tokenised split)": location_of(
+            tiny_module(layers=pairs, teacher_targets=targets), tmp_path, ("train-b", "validation-a")
+        ),
+        "layer pair": location_of(
+            tiny_module(layers=LayerPairs(student=[1], teacher=[3]), teacher_targets=targets), tmp_path
+        ),
+        "k": location_of(tiny_module(layers=pairs, teacher_targets=replace(targets, k=16)), tmp_path),
+        "precision": location_of(
+            tiny_module(layers=pairs, teacher_targets=targets), tmp_path, precision="bf16-true"
+        ),
+        "kind": location_of(
+            tiny_module(layers=pairs, teacher_targets=replace(targets, kind="hidden")), tmp_path
+        ),
+    }
+    assert all(folder != base for folder in changed.values()), changed
+    assert len(set(changed.values())) == len(changed)
+
+
+def test_a_template_changes_the_token_cache_key_the_teacher_cache_reads(smollm2_tokenizer, tmp_path):
+    from distillens.data import InstructionDataModule
+
+    keys = []
+    for template in ("chat", "alpaca"):
+        data = InstructionDataModule(train=str(REPO / "data/instructions/validation.jsonl"), template=template,
+                                     max_length=128, max_prompt_length=96, cache_dir=str(tmp_path), val_size=8)  # fmt: skip
+        data.connect(smollm2_tokenizer)
+        keys.append(data.split_key("train"))
+    assert keys[0] != keys[1]
+
+
+# ------------------------------------------------------------------------------------------------ tiny fits
+
+
+def fit(folder: Path, cache_dir: Path, *extra: str, command: str = "fit"):
+    """``distillens <command>`` on configs/tiny.yaml in this process: the CLI object for fit, None for teach."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = write_config(tiny_fit_config(folder, cache_dir), folder / "tiny.yaml")
+    with mock.patch.object(sys, "argv", ["distillens"]):
+        if command == "teach":
+            return main(["teach", "--config", str(config), *extra])  # the console's spelling
+        return run_cli([command, "--config", str(config), *extra])
+
+
+def curves(folder: Path) -> dict[str, dict[int, float]]:
+    return scalars(
+        sorted((folder / "tiny").glob("events.out.tfevents.*")), ("train/loss", "val/loss", "val/lens")
+    )
+
+
+def test_a_tiny_fit_on_hidden_targets_logs_the_live_curves(tmp_path):
+    fit(tmp_path / "live", tmp_path / "cache")
+    cli = fit(tmp_path / "hidden", tmp_path / "cache", "--model.teacher_targets.kind", "hidden")
+    live, hidden = curves(tmp_path / "live"), curves(tmp_path / "hidden")
+    assert sorted(live) == sorted(hidden) == ["train/loss", "val/lens", "val/loss"]
+    for name, values in live.items():
+        assert sorted(hidden[name]) == sorted(values)
+        for step, value in values.items():
+            # the first step's weights are the same: the bound of one loss; Adam then carries the last-digit
+            # differences (another batch shape at the build than in training) into the weights
+            bound = 1e-6 if step == min(values) else 1e-5
+            assert hidden[name][step] == pytest.approx(value, rel=bound), (
+                name,
+                step,
+                hidden[name][step],
+                value,
+            )
+    teacher = cli.model.teacher
+    blocks = teacher.model.layers
+    assert all(p.is_meta for p in blocks.parameters())  # the blocks were freed
+    assert not teacher.lm_head.weight.is_meta and not teacher.model.norm.weight.is_meta  # the lens kept
+
+
+def test_a_fit_on_complete_topk_targets_builds_no_teacher_block(tmp_path, monkeypatch):
+    teach = fit(tmp_path / "teach", tmp_path / "cache", "--model.teacher_targets.kind", "topk",
+                "--model.teacher_targets.k", "16", command="teach")  # fmt: skip
+    assert (
+        teach is None and not (tmp_path / "teach" / "tiny" / "student").exists()
+    )  # nothing trained or exported
+    assert not list((tmp_path / "teach").rglob("*.ckpt"))
+    assert len([f for f in (tmp_path / "cache" / "teacher").glob("topk-*") if is_complete(f)]) == 1
+
+    import distillens.module
+
+    built = []
+    load_model = distillens.module.load_model
+    monkeypatch.setattr(
+        distillens.module, "load_model", lambda spec, **kw: built.append(spec) or load_model(spec, **kw)
+    )
+    cli = fit(tmp_path / "fit", tmp_path / "cache", "--model.teacher_targets.kind", "topk",
+              "--model.teacher_targets.k", "16")  # fmt: skip
+    assert cli.trainer.global_step == 6
+    assert built == [cli.model.student_spec]  # the student only: no teacher was loaded
+    assert is_stripped(cli.model.teacher) and all(p.is_meta for p in cli.model.teacher.parameters())
+    assert all(value == value for value in curves(tmp_path / "fit")["train/loss"].values())  # finite, not NaN
