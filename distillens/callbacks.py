@@ -451,8 +451,7 @@ class ExportStudent(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if any(getattr(callback, "interrupted", False) for callback in trainer.callbacks):
             return  # Ctrl-C: the student is half-trained, and the run goes on from its last.ckpt
-        from distillens.distributed import consolidated_model
-        from distillens.export import export_trained_student
+        from distillens.export import consolidated_model, export_trained_student
 
         folder = self.folder(trainer)
         template = getattr(trainer.datamodule, "template", None)

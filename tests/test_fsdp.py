@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from distillens.callbacks import ExportStudent
-from distillens.distributed import FSDP2Strategy, full_state_dict
+from distillens.distributed import FSDP2Strategy
 from distillens.export import export_checkpoint
 from distillens.models import ModelSpec
 from distillens.module import DistillationModule
-from distillens.sharding import is_sharded
+from distillens.sharding import full_state_dict, is_sharded
 
 WORLD = 2
 STEPS = 3  # the sharded run trains 2 steps, saves, and resumes for the third

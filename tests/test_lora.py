@@ -34,14 +34,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from distillens.callbacks import ExportStudent
 from distillens.cli import main
-from distillens.distributed import FSDP2Strategy, full_state_dict
+from distillens.distributed import FSDP2Strategy
 from distillens.export import export_checkpoint
 from distillens.lens import LogitLens
 from distillens.lightning_cli import run_cli
 from distillens.lora import LoraSpec, add_lora, is_lora
 from distillens.models import ModelSpec, load_model
 from distillens.module import DistillationModule
-from distillens.sharding import is_sharded
+from distillens.sharding import full_state_dict, is_sharded
 
 WORLD = 2
 ROWS, LENGTH, VOCAB = 4, 12, 256
