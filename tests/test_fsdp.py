@@ -9,7 +9,6 @@ torchrun sets them (Lightning then launches nothing itself).
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, subprocess_env
+from helpers import REPO, free_port, subprocess_env
 from reference import Objective, grad_norm, objective_sums, relative_difference, train_reference, weighted
 from tokenizers import Tokenizer, models
 from torch import Tensor
@@ -174,12 +173,6 @@ def save_models(workdir: Path, tokenizer: PreTrainedTokenizerFast) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return save_models(tmp_path_factory.mktemp("fsdp"), scratch_tokenizer())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_workers(workdir: Path) -> list[subprocess.Popen]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from unittest import mock
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, subprocess_env
+from helpers import REPO, free_port, subprocess_env
 from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
@@ -577,12 +576,6 @@ def worker(workdir: Path) -> None:
             "fsdp": {"totals": sharded.totals, "weights": sharded.weights},
         }
         torch.save(record, workdir / "distributed.pt")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
