@@ -455,8 +455,7 @@ class ExportStudent(L.Callback):
         targets = getattr(pl_module, "teacher_targets", None)
         if targets is not None and targets.build_only:
             return  # `distillens teach`: the teacher cache was the work, the student is untrained
-        from distillens.distributed import consolidated_model
-        from distillens.export import export_trained_student
+        from distillens.export import consolidated_model, export_trained_student
 
         folder = self.folder(trainer)
         template = getattr(trainer.datamodule, "template", None)

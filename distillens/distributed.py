@@ -12,28 +12,23 @@ The logit lens needs the full final norm and unembedding *outside* the model's o
 
 FSDP averages gradients over ranks like DDP, so the module's token-count normalisation (sum / (A * W) times
 A * W / N) is unchanged. Checkpoints are distributed (a folder, one shard file per rank, teacher excluded); a full
-student is gathered for export by ``consolidated_model``. To turn a checkpoint folder into one file:
+student is gathered for export by ``export.consolidated_model``. To turn a checkpoint folder into one file:
 ``python -m lightning.fabric.utilities.consolidate_checkpoint FOLDER --output_file FILE.ckpt``.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
-from distillens.lora import add_lora, is_lora
-from distillens.sharding import is_sharded
 from distillens.structure import blocks_of
 
 
@@ -131,29 +126,3 @@ def shard_model(
     for block in blocks_of(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, **policy)
     fully_shard(model, mesh=mesh, **policy)  # the root stays gathered after forward: its backward needs it
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's full (unsharded) state on CPU, on rank 0; an empty dict elsewhere. A collective: every rank calls."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def consolidated_model(model: PreTrainedModel) -> PreTrainedModel | None:
-    """An ordinary copy of a sharded model on rank 0 (None on the others); an unsharded model is returned as is.
-
-    Gathering is a collective, so every rank must call this. The copy is built from the model's config and holds
-    the gathered weights in their trained dtype, ready for ``save_pretrained``; a LoRA student's copy is wrapped in
-    the same adapters (merged or saved alone by ``export_student``).
-    """
-    if not is_sharded(model):
-        return model
-    state = full_state_dict(model)
-    if not state:
-        return None
-    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
-    plain = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=dtype)
-    plain.generation_config = copy.deepcopy(model.generation_config)
-    if is_lora(model):
-        plain = add_lora(plain, model.peft_config["default"])
-    plain.load_state_dict(state, strict=True)
-    return plain.eval()

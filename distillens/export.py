@@ -1,4 +1,5 @@
-"""Export a student from a `distillens fit` checkpoint, without building (or having) its teacher.
+"""Export a student from a `distillens fit` checkpoint, without building (or having) its teacher, or from a trained
+module at the end of fit (a sharded student gathered into an ordinary copy first, `consolidated_model`).
 
 A LoRA student's checkpoint holds its adapters only: the export rebuilds the student from its recorded source
 (which must be reachable again: a folder, or a hub id in the cache), loads the adapters into it, and writes the
@@ -38,6 +39,7 @@ from distillens.models import (
     load_tokenizer,
     lora_base_description,
 )
+from distillens.sharding import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,27 @@ def export_student(
     return folder
 
 
+def consolidated_model(model: PreTrainedModel) -> PreTrainedModel | None:
+    """An ordinary copy of a sharded model on rank 0 (None on the others); an unsharded model is returned as is.
+
+    Gathering is a collective, so every rank must call this. The copy is built from the model's config and holds
+    the gathered weights in their trained dtype, ready for ``save_pretrained``; a LoRA student's copy is wrapped in
+    the same adapters (merged or saved alone by ``export_student``).
+    """
+    if not is_sharded(model):
+        return model
+    state = full_state_dict(model)
+    if not state:
+        return None
+    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    plain = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=dtype)
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    if is_lora(model):
+        plain = add_lora(plain, model.peft_config["default"])
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()
+
+
 def student_and_checkpoint(
     checkpoint_path: str | Path, *, keep_adapter: bool = False
 ) -> tuple[PreTrainedModel | PeftModel, dict]:
@@ -190,7 +213,10 @@ def _lora_student(
     checkpoint: dict, adapters: dict[str, torch.Tensor], path: Path, dtype: torch.dtype
 ) -> PeftModel:
     """The student rebuilt from its source (and teacher, for a layer subset) in ``dtype``, with the checkpoint's
-    adapters, once the rebuilt base is known to be the one they were trained on."""
+    adapters, once the rebuilt base is known to be the one they were trained on.
+
+    It lives here rather than in ``lora.py``: rebuilding the source needs ``models``, a layer above ``lora``
+    (which ``models`` itself imports)."""
     hparams = checkpoint.get("hyper_parameters", {})
     spec = ModelSpec(**hparams["student"])
     teacher_spec = hparams.get("teacher")

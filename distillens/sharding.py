@@ -1,4 +1,5 @@
-"""What the objective and the module need to know of a model sharded by FSDP2 (``fully_shard``), in plain torch.
+"""What the objective, the module and the export need to know of a model sharded by FSDP2 (``fully_shard``), in
+plain torch: whether it is sharded, its root's full parameters around the loss, its full state.
 
 The logit lens needs the full final norm and unembedding *outside* the model's own forward. ``gathered(...)``
 wraps the loss: FSDP's public ``unshard()`` all-gathers each root unit and registers its parameters on their modules
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
 
@@ -43,3 +45,8 @@ def gathered(*models: nn.Module | None) -> Iterator[None]:
         for root in roots:
             if not (torch.is_grad_enabled() and any(p.requires_grad for p in root.parameters())):
                 root.reshard()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) state on CPU, on rank 0; an empty dict elsewhere. A collective: every rank calls."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

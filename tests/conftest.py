@@ -97,3 +97,23 @@ def tiny_module(monkeypatch):
     from helpers import build_tiny_module
 
     return functools.partial(build_tiny_module, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def smollm2_llama(smollm2_tokenizer):
+    """A 2-layer random Llama over SmolLM2's vocabulary, in float64 so that greedy argmax comparisons between
+    padded and unpadded runs cannot flip on float32 rounding of near-tied random logits. Built once for the session:
+    tests that change its mode or patch its ``generate`` put it back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).double()

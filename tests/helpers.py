@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -98,3 +99,29 @@ def scalars(event_files, names=None) -> dict[str, dict[int, float]]:
             if names is None or name in names:
                 found.setdefault(name, {}).update({e.step: e.value for e in events.Scalars(name)})
     return found
+
+
+def repeated_ngrams(ids: list[int], n: int) -> int:
+    """How many n-grams of ``ids`` repeat an earlier one."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+def recorded_generations(model, monkeypatch) -> list:
+    """Every sequence ``model.generate`` returns from now on, (1, T + new) each, in call order."""
+    produced = []
+    original = model.generate
+
+    def recording(*args, **kwargs):
+        produced.append(original(*args, **kwargs))  # (1, T + new)
+        return produced[-1]
+
+    monkeypatch.setattr(model, "generate", recording)
+    return produced
+
+
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -110,40 +110,6 @@ def test_fit_trains_in_bf16_on_cpu(precision, tmp_path):
         assert values and all(math.isfinite(v) and v > 0 for v in values), (name, values)
 
 
-@pytest.mark.parametrize(("precision", "autocast"), [("bf16-mixed", True), ("32-true", False)])
-def test_initial_validation_runs_in_the_trainers_precision(precision, autocast, monkeypatch):
-    """The step-0 validation (a callback, outside Lightning's own loops) must see the same precision as the later
-    validations, or a bf16 run's curve would start from an fp32 value."""
-    from types import SimpleNamespace
-
-    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-
-    from distillens.callbacks import InitialValidation
-    from distillens.objective import Terms
-
-    seen = []
-
-    class Module(nn.Module):
-        device = torch.device("cpu")
-
-        def forward(self, batch):
-            seen.append(torch.is_autocast_enabled("cpu"))
-            return Terms(
-                tokens=torch.tensor(2.0), sums={"kd": torch.tensor(1.0)}, pair_means={}, weights={"kd": 1}
-            )
-
-        def transfer_batch_to_device(self, batch, device, index):
-            return batch
-
-    plugin = MixedPrecision("bf16-mixed", "cpu") if precision == "bf16-mixed" else Precision()
-    trainer = SimpleNamespace(
-        global_step=0, limit_val_batches=1, loggers=[], precision_plugin=plugin,
-        datamodule=SimpleNamespace(val_dataloader=lambda: [{}, {}]),
-    )  # fmt: skip
-    InitialValidation().on_train_start(trainer, Module())
-    assert seen == [autocast]
-
-
 def test_under_autocast_each_unembedding_is_cast_once_per_call_with_the_per_chunk_casts_results(monkeypatch):
     """The chunked loss casts the (V, d) unembeddings once for all its chunks (autocast would cast the frozen
     teacher's at every chunk, and turn each chunk's student weight gradient back to fp32 on its own): the loss and

@@ -19,14 +19,11 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import lightning as L
 import pytest
-import torch
 import yaml
 from helpers import REPO
-from torch.utils.data import DataLoader, TensorDataset
 
-from distillens.callbacks import SequencesPerStep, accumulation_for
+from distillens.callbacks import accumulation_for
 from distillens.lightning_cli import run_cli
 from distillens.objective import LayerPairs
 
@@ -394,53 +391,6 @@ def test_qwen_setup_distils_base_models_into_a_lora_student_with_an_adapted_teac
     )
     assert model["teacher"]["adapter"] and "lora" not in model["teacher"]  # a frozen teacher takes no LoRA
     assert setup_config("qwen.yaml")["model"]["generation"]["max_prompts"] == 960  # --dev-num 960
-
-
-# ------------------------------------------------------------------------------------------------- SequencesPerStep
-
-
-class _Rows(L.LightningDataModule):
-    def __init__(self, rows: int, batch_size: int) -> None:
-        super().__init__()
-        self.rows, self.batch_size = rows, batch_size
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(torch.randn(self.rows, 3)), batch_size=self.batch_size)
-
-
-class _Linear(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(3, 1)
-        self.planned_steps: int | None = None
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch[0]).square().mean()
-
-    def configure_optimizers(self):
-        self.planned_steps = self.trainer.estimated_stepping_batches  # what the schedule is built for
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def test_sequences_per_step_sets_the_accumulation_before_the_schedule_is_planned() -> None:
-    module = _Linear()
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, callbacks=[SequencesPerStep(8)], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    trainer.fit(module, datamodule=_Rows(rows=16, batch_size=2))  # 8 micro-batches of 2
-    assert trainer.accumulate_grad_batches == 4
-    assert trainer.global_step == module.planned_steps == 2
-
-
-def test_sequences_per_step_that_cannot_divide_names_the_fix() -> None:
-    assert [accumulation_for(16, 4, gpus) for gpus in (1, 2, 4)] == [4, 2, 1]
-    with pytest.raises(ValueError, match="use a data.batch_size that divides 2"):
-        accumulation_for(16, 4, 8)
-    with pytest.raises(ValueError, match="cannot be split evenly over 8 devices"):
-        accumulation_for(4, 1, 8)
-    with pytest.raises(ValueError, match="sequences=0"):
-        SequencesPerStep(0)
 
 
 # ------------------------------------------------------------------------------------------------- --help

@@ -1,34 +1,57 @@
-"""The reference's evaluation protocol: n-gram blocking, long test prompts cut (not dropped), a reference-length filter
-per test set, 256 new tokens, a results table that states its protocol, and the absolute cosine floor.
+"""The reference's evaluation protocol end to end, on tiny random models: what the test sets keep (long test prompts
+cut, not dropped; a reference-length filter per test set), `distillens test` over several sets and seeds, and
+generation during validation with checkpoint selection on val/rougeL.
 
-Expected values are computed here independently (token counts with the tokenizer, n-gram counts on the generated
-ids, the cosine formula) rather than read back from the code under test.
+Expected values are computed here independently: token counts with the tokenizer, answers by calling transformers'
+`generate` on each prompt alone, scores with `rouge_score` directly, means and stds with numpy.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import yaml
+from helpers import REPO
+from reference import rouge_l_by_hand
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from distillens.data import InstructionDataModule
-from distillens.evaluation import GenerationEvaluator, GenerationSettings
-from distillens.generation import generate
-from distillens.optimization import OptimizerConfig, warmup_cosine
-from distillens.results import protocol_line, results_markdown
+from distillens.lightning_cli import run_cli
 
 LONG = "word " * 40  # 40 GPT-2 tokens ("word" then " word" x 39) plus the template's
+BUNDLED = REPO / "data" / "instructions"
+MAX_NEW_TOKENS = 8
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def bundled_rows(split: str, count: int) -> list[dict]:
+    return read_jsonl(BUNDLED / f"{split}.jsonl")[:count]
+
+
+def as_minillm(rows: list[dict]) -> list[dict]:
+    """MiniLLM's eval layout (instruction, input, output); every second row gets two references."""
+    return [
+        {
+            "instruction": row["instruction"],
+            "input": row.get("context", ""),
+            "output": [row["response"], "another answer"] if i % 2 else row["response"],
+        }
+        for i, row in enumerate(rows)
+    ]
 
 
 def ready(tokenizer, tmp_path: Path, stage: str, **kwargs) -> InstructionDataModule:
@@ -117,128 +140,188 @@ def test_min_reference_tokens_names_a_bad_set_or_count(tmp_path, minimums, messa
         InstructionDataModule(test=str(source), min_reference_tokens=minimums)
 
 
-# ------------------------------------------------------------------------------------------------ generation
+# ----------------------------------------------------------------------------------------------- tiny models
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(smollm2_tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).double()
-
-
-def repeated_ngrams(ids: list[int], n: int) -> int:
-    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
-    return len(grams) - len(set(grams))
-
-
-def recorded_generations(model, monkeypatch) -> list:
-    """Every sequence ``model.generate`` returns from now on, (1, T + new) each, in call order."""
-    produced = []
-    original = model.generate
-
-    def recording(*args, **kwargs):
-        produced.append(original(*args, **kwargs))  # (1, T + new)
-        return produced[-1]
-
-    monkeypatch.setattr(model, "generate", recording)
-    return produced
-
-
-@pytest.mark.parametrize("n", [2, 3])
-def test_no_repeat_ngram_size_blocks_every_repeat_of_the_whole_sequence(
-    tiny_llama, smollm2_tokenizer, monkeypatch, n
-):
-    """Greedy decoding of a random model repeats itself; with the option, no n-gram occurs twice (prompt included)."""
-    produced = recorded_generations(tiny_llama, monkeypatch)
-    prompt = smollm2_tokenizer(["Tell me about the sea and the sky."], return_tensors="pt")
-    options = dict(max_new_tokens=48, do_sample=False)
-    for size in (0, n):
-        generate(tiny_llama, smollm2_tokenizer, prompt["input_ids"], prompt["attention_mask"], **options,
-                 no_repeat_ngram_size=size)  # fmt: skip
-    free, blocked = (sequence[0].tolist() for sequence in produced)
-    assert repeated_ngrams(free, n) > 0, "the unblocked answer repeats nothing: the test would prove nothing"
-    assert repeated_ngrams(blocked, n) == 0
-
-
-def test_the_evaluator_answers_under_the_configured_ngram_blocking(
-    tiny_llama, smollm2_tokenizer, monkeypatch
-):
-    """What `distillens test` and validation generation call: GenerationEvaluator.answer, with the settings'
-    no_repeat_ngram_size (the protocol line only restates the settings; the answers must follow them)."""
-    produced = recorded_generations(tiny_llama, monkeypatch)
-    prompt = "Tell me about the sea and the sky."
-    encoded = smollm2_tokenizer([prompt], return_tensors="pt")
-    batch = {**encoded, "index": [0], "prompts": [prompt], "references": [["The sea."]], "name": "set"}
-    for size in (0, 3):
-        settings = GenerationSettings(max_new_tokens=48, do_sample=False, no_repeat_ngram_size=size)
-        GenerationEvaluator(settings, smollm2_tokenizer).answer(tiny_llama, batch, seed=10)
-    free, blocked = (sequence[0].tolist() for sequence in produced)
-    assert repeated_ngrams(free, 3) > 0, "the unblocked answer repeats nothing: the test would prove nothing"
-    assert repeated_ngrams(blocked, 3) == 0
-
-
-def test_negative_no_repeat_ngram_size_is_refused(tiny_llama, smollm2_tokenizer):
-    prompt = smollm2_tokenizer(["Hi"], return_tensors="pt")
-    with pytest.raises(ValueError, match="no_repeat_ngram_size=-1"):
-        generate(
-            tiny_llama,
-            smollm2_tokenizer,
-            prompt["input_ids"],
-            prompt["attention_mask"],
-            no_repeat_ngram_size=-1,
+def model_folders(tmp_path_factory, smollm2_tokenizer) -> dict[str, Path]:
+    """Tiny random Llamas over SmolLM2's vocabulary, saved with the tokenizer, in float64 so that greedy answers
+    of a padded batch cannot differ from those of each prompt alone by float32 rounding of near-ties."""
+    root = tmp_path_factory.mktemp("models")
+    folders = {}
+    for role, (hidden, layers, seed) in {"teacher": (32, 4, 1), "student": (16, 2, 2)}.items():
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=len(smollm2_tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
         )
+        folders[role] = root / role
+        LlamaForCausalLM(config).double().save_pretrained(folders[role])
+        smollm2_tokenizer.save_pretrained(folders[role])
+    return folders
 
 
-def test_generation_defaults_are_the_papers_length_budget():
-    settings = GenerationSettings()
-    assert (settings.max_new_tokens, settings.no_repeat_ngram_size) == (256, 0)
-
-
-# ------------------------------------------------------------------------------------------------ results table
-
-
-def test_results_table_states_the_protocol_it_ran_under():
-    generation = {**vars(GenerationSettings(no_repeat_ngram_size=6)), "seeds": [10, 20]}
-    data = {
-        "max_prompt_length": 256,
-        "min_reference_tokens": {"sni": 11, "unni": 11},
-        "prompts_truncated": {"dolly": 2, "sni": 1, "unni": 0},
-        "short_references_dropped": {"dolly": 0, "sni": 4, "unni": 7},
-    }
-    line = protocol_line(generation, data)
-    assert line == (
-        "Protocol: sampling (top_k 0, top_p 1.0, temperature 1.0); no_repeat_ngram_size 6; at most 256 new tokens; "
-        "prompts cut to their first 256 tokens (3 cut); sni: references of at least 11 tokens (4 rows dropped); "
-        "unni: references of at least 11 tokens (7 rows dropped)."
-    )
-    greedy = protocol_line({**generation, "do_sample": False, "no_repeat_ngram_size": 0})
-    assert greedy == "Protocol: greedy decoding; no n-gram blocking; at most 256 new tokens."
-    results = {
-        "metrics": ["rougeL"],
-        "seeds": [10],
-        "sets": {"dolly": {"examples": 3, "mean": {"rougeL": 20.0}, "std": {"rougeL": 0.0}}},
-        "generation": generation,
-        "data": data,
-    }
-    assert results_markdown(results).splitlines()[-1] == line
-
-
-# ------------------------------------------------------------------------------------------------ cosine floor
-
-
-def test_absolute_cosine_floor_ends_the_schedule_at_min_lr():
-    config = OptimizerConfig(lr=2e-4, warmup=0.0, min_lr=1e-7)
-    total = 50
-    schedule = warmup_cosine(0, total, config.floor_ratio)
-    expected = [
-        1e-7 + (2e-4 - 1e-7) * 0.5 * (1 + math.cos(math.pi * step / total)) for step in range(total + 1)
+def tiny_config(tmp_path: Path, folders: dict[str, Path], generation: dict, **changes) -> Path:
+    """configs/tiny.yaml with the saved models, absolute data paths, and logs and caches under tmp_path."""
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config["model"]["teacher"] = {"source": str(folders["teacher"]), "dtype": "auto"}
+    config["model"]["student"] = {"source": str(folders["student"]), "dtype": "auto"}
+    config["model"]["generation"] = {"max_new_tokens": MAX_NEW_TOKENS, **generation}
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    config["trainer"]["callbacks"] = [
+        c for c in config["trainer"]["callbacks"] if "ExportStudent" not in c["class_path"]
     ]
-    assert [config.lr * schedule(step) for step in range(total + 1)] == pytest.approx(expected, rel=1e-9)
-    assert config.lr * schedule(0) == pytest.approx(2e-4)  # no warm-up: the peak at once
-    assert OptimizerConfig(lr=2e-4).floor_ratio == 0.1  # the ratio stays the default when min_lr is unset
-    with pytest.raises(ValueError, match="optimizer.min_lr=0.001: must be between 0 and optimizer.lr=0.0002"):
-        OptimizerConfig(lr=2e-4, min_lr=1e-3)
+    data = config["data"]
+    for split in ("train", "validation", "test"):
+        data[split] = str(REPO / data[split])
+    data["cache_dir"] = str(tmp_path / "cache")
+    for section, values in changes.items():
+        config[section].update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def greedy_alone(folder: Path, tokenizer, prompt: str) -> str:
+    """One prompt's greedy answer with plain transformers: no padding, no batching, no distillens code."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"]  # (1, P)
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # (1, P + new)
+    new = out[0, ids.shape[1] :].tolist()
+    new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------- distillens test
+
+
+@pytest.fixture(scope="module")
+def sampled_test_run(tmp_path_factory, model_folders):
+    """`distillens test` on two sets (Dolly layout; MiniLLM layout with multi-reference rows) under three seeds."""
+    tmp_path = tmp_path_factory.mktemp("test-run")
+    sets = [
+        write_jsonl(tmp_path / "dolly.jsonl", bundled_rows("test", 5)),
+        write_jsonl(tmp_path / "minillm.jsonl", as_minillm(bundled_rows("validation", 6))),
+    ]
+    config = tiny_config(
+        tmp_path,
+        model_folders,
+        {"seeds": [1, 2, 3]},
+        data={"test": [str(s) for s in sets], "eval_batch_size": 4},
+    )
+    cli = run_cli(["test", "--config", str(config)])
+    return cli, tmp_path / "logs" / "tiny" / "test-0" / "eval"
+
+
+def test_answers_are_saved_per_set_and_seed_in_dataset_order(sampled_test_run):
+    cli, folder = sampled_test_run
+    for name in ("dolly", "minillm"):
+        split = cli.datamodule.splits[name]
+        expected = [(row["prompt"], list(row["references"])) for row in split]
+        answers = {seed: read_jsonl(folder / f"{name}.seed{seed}.jsonl") for seed in (1, 2, 3)}
+        for rows in answers.values():
+            assert [row["index"] for row in rows] == list(range(len(split)))
+            assert [(row["prompt"], row["references"]) for row in rows] == expected
+        assert answers[1] != answers[2]  # sampled under different seeds
+    assert any(len(row["references"]) == 2 for row in read_jsonl(folder / "minillm.seed1.jsonl"))
+
+
+def test_results_are_rouge_score_means_and_stds_over_seeds(sampled_test_run):
+    cli, folder = sampled_test_run
+    results = json.loads((folder / "results.json").read_text())
+    per_seed = {}
+    for name in ("dolly", "minillm"):
+        per_seed[name] = []
+        for seed in (1, 2, 3):
+            rows = read_jsonl(folder / f"{name}.seed{seed}.jsonl")
+            score = np.mean(rouge_l_by_hand([r["prediction"] for r in rows], [r["references"] for r in rows]))
+            per_seed[name].append(score)
+            assert results["sets"][name]["per_seed"][str(seed)]["rougeL"] == pytest.approx(score)
+        assert results["sets"][name]["mean"]["rougeL"] == pytest.approx(np.mean(per_seed[name]))
+        assert results["sets"][name]["std"]["rougeL"] == pytest.approx(np.std(per_seed[name]))
+        logged = cli.trainer.callback_metrics
+        assert float(logged[f"test/{name}/rougeL"]) == pytest.approx(
+            np.mean(per_seed[name]), rel=1e-5, abs=1e-5
+        )
+        assert float(logged[f"test/{name}/rougeL_std"]) == pytest.approx(np.std(per_seed[name]), abs=1e-5)
+    average = np.mean([per_seed["dolly"], per_seed["minillm"]], axis=0)  # (seeds,)
+    assert results["average"]["mean"]["rougeL"] == pytest.approx(average.mean())
+    assert results["average"]["std"]["rougeL"] == pytest.approx(average.std())
+    assert results["generator"] == "student" and results["seeds"] == [1, 2, 3]
+    table = (folder / "results.md").read_text()
+    for name in ("dolly", "minillm", "average"):
+        assert f"| {name} |" in table
+
+
+def test_greedy_answers_equal_each_prompt_generated_alone(tmp_path, model_folders, smollm2_tokenizer):
+    test_set = write_jsonl(tmp_path / "dolly.jsonl", bundled_rows("test", 5))
+    generation = {"do_sample": False, "seeds": [0], "generator": "teacher"}
+    config = tiny_config(
+        tmp_path, model_folders, generation, data={"test": str(test_set), "eval_batch_size": 3}
+    )
+    run_cli(["test", "--config", str(config)])
+    rows = read_jsonl(tmp_path / "logs" / "tiny" / "test-0" / "eval" / "dolly.seed0.jsonl")
+    expected = [greedy_alone(model_folders["teacher"], smollm2_tokenizer, row["prompt"]) for row in rows]
+    assert [row["prediction"] for row in rows] == expected
+    assert any(expected)  # not a vacuous comparison of empty strings
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def test_validation_generation_logs_val_rouge_and_selects_checkpoints(
+    tmp_path, model_folders, smollm2_tokenizer
+):
+    """lr 0 keeps the student as saved, so the greedy answers can be computed alone beforehand; references are
+    rigged so that the score is far from 0: rows 0 and 2 list a wrong answer first and the right one second."""
+    rows = bundled_rows("validation", 5)
+    probe = write_jsonl(tmp_path / "probe.jsonl", rows)
+    probe_config = tiny_config(tmp_path, model_folders, {}, data={"validation": str(probe)})
+    prompts = [row["prompt"] for row in _validation_split(probe_config)]
+    answers = [greedy_alone(model_folders["student"], smollm2_tokenizer, prompt) for prompt in prompts]
+    references = [
+        ["wrong answer", answers[i]] if i in (0, 2) else [rows[i]["response"]] for i in range(len(rows))
+    ]
+    rigged = [dict(row, response=refs) for row, refs in zip(rows, references, strict=True)]  # same prompts
+    validation = write_jsonl(tmp_path / "validation.jsonl", rigged)
+    expected = np.mean(rouge_l_by_hand(answers[:4], references[:4]))  # max_prompts: 4
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"monitor": "val/rougeL", "mode": "max", "dirpath": str(tmp_path / "ckpt")},
+    }
+    config = tiny_config(
+        tmp_path,
+        model_folders,
+        {"do_sample": False, "every_n_val": 1, "max_prompts": 4},
+        data={"validation": str(validation), "max_samples": 8},
+        trainer={"max_steps": 2, "val_check_interval": 1, "callbacks": [checkpoint]},
+    )
+    cli = run_cli(["fit", "--config", str(config), "--model.optimizer.lr", "0.0"])
+    assert expected > 20  # the rigged rows make the check meaningful
+    assert float(cli.trainer.callback_metrics["val/rougeL"]) == pytest.approx(expected, rel=1e-5)
+    assert float(cli.trainer.checkpoint_callback.best_model_score) == pytest.approx(expected, rel=1e-5)
+
+
+def _validation_split(config: Path):
+    from distillens.data import InstructionDataModule
+    from distillens.models import load_tokenizer
+
+    data = yaml.safe_load(config.read_text())["data"]
+    datamodule = InstructionDataModule(**{k: v for k, v in data.items() if k != "test"})
+    datamodule.connect(load_tokenizer(yaml.safe_load(config.read_text())["model"]["student"]["source"]))
+    datamodule.setup("validate")
+    return datamodule.splits["validation"]

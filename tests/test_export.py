@@ -134,20 +134,3 @@ def test_overwrite_replaces_a_merged_export_and_an_adapter_export(student, smoll
         adapted, smollm2_tokenizer, folder, template="chat", adapter_only=True, overwrite=True
     )
     assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
-
-
-def test_the_end_of_fit_export_told_not_to_overwrite_fails_when_fit_starts(tmp_path):
-    """Not after the training: a folder it may not write is reported before the first step."""
-    from types import SimpleNamespace
-
-    from distillens.callbacks import ExportStudent
-
-    (tmp_path / "student").mkdir()
-    (tmp_path / "student" / "config.json").write_text("{}")
-    strategy = SimpleNamespace(broadcast=lambda value: value)  # one process
-    trainer = SimpleNamespace(
-        log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True, strategy=strategy
-    )
-    ExportStudent(overwrite=True).on_fit_start(trainer, None)  # the default: a re-run replaces its own export
-    with pytest.raises(FileExistsError, match="overwrite: true"):
-        ExportStudent(overwrite=False).on_fit_start(trainer, None)

@@ -9,7 +9,6 @@ torchrun sets them (Lightning then launches nothing itself).
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, subprocess_env
+from helpers import REPO, free_port, subprocess_env
 from reference import Objective, grad_norm, objective_sums, relative_difference, train_reference, weighted
 from tokenizers import Tokenizer, models
 from torch import Tensor
@@ -28,11 +27,11 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from distillens.callbacks import ExportStudent
-from distillens.distributed import FSDP2Strategy, full_state_dict
+from distillens.distributed import FSDP2Strategy
 from distillens.export import export_checkpoint
 from distillens.models import ModelSpec
 from distillens.module import DistillationModule
-from distillens.sharding import is_sharded
+from distillens.sharding import full_state_dict, is_sharded
 
 WORLD = 2
 STEPS = 3  # the sharded run trains 2 steps, saves, and resumes for the third
@@ -174,12 +173,6 @@ def save_models(workdir: Path, tokenizer: PreTrainedTokenizerFast) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return save_models(tmp_path_factory.mktemp("fsdp"), scratch_tokenizer())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_workers(workdir: Path) -> list[subprocess.Popen]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from unittest import mock
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, subprocess_env
+from helpers import REPO, free_port, subprocess_env
 from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
@@ -34,14 +33,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from distillens.callbacks import ExportStudent
 from distillens.cli import main
-from distillens.distributed import FSDP2Strategy, full_state_dict
+from distillens.distributed import FSDP2Strategy
 from distillens.export import export_checkpoint
 from distillens.lens import LogitLens
 from distillens.lightning_cli import run_cli
 from distillens.lora import LoraSpec, add_lora, is_lora
 from distillens.models import ModelSpec, load_model
 from distillens.module import DistillationModule
-from distillens.sharding import is_sharded
+from distillens.sharding import full_state_dict, is_sharded
 
 WORLD = 2
 ROWS, LENGTH, VOCAB = 4, 12, 256
@@ -577,12 +576,6 @@ def worker(workdir: Path) -> None:
             "fsdp": {"totals": sharded.totals, "weights": sharded.weights},
         }
         torch.save(record, workdir / "distributed.pt")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

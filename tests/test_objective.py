@@ -149,3 +149,18 @@ def test_the_module_pairs_a_layer_subset_student_with_its_source_blocks(monkeypa
     )
     module.configure_model()
     assert (module.objective.student_layers, module.objective.teacher_layers) == ([1, 2], [1, 5])
+
+
+def test_sft_with_a_teacher_never_runs_the_teacher_in_training(tiny_module):
+    """The SFT row keeps the teacher for initialisation and validation only: no teacher forward while training."""
+    from distillens.objective import LossConfig
+
+    module = tiny_module(loss=LossConfig(ce_weight=1.0, kd_weight=0.0, lens_weight=0.0))
+    calls = []
+    module.teacher.register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.randint(0, 101, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    module.train()
+    assert set(module(batch)) == {"tokens", "ce"} and not calls
+    module.eval()
+    assert {"kd", "ce"} <= set(module(batch)) and calls

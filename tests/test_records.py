@@ -1,11 +1,21 @@
 """Generated answers as records (distillens.records): sharded over ranks with equal shares, merged back once each in
-dataset order."""
+dataset order, on one process and on a real 2-process gloo group."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import free_port
 
+from distillens.data import GenerationCollator, IndexedRows
 from distillens.records import (
     GenerationRecord,
     gather_records,
@@ -73,3 +83,48 @@ def test_shard_loader_gives_equal_shares_of_the_subset(size, world, max_prompts,
 def test_shard_loader_rejects_a_non_positive_subset():
     with pytest.raises(ValueError, match="max_prompts=0"):
         shard_loader(_index_loader(3, 1), 0, 1, max_prompts=0)
+
+
+def _rank_gathers(rank: int, world_size: int, port: int, size: int, out: str) -> None:
+    """One rank: generate (fake answers naming the rank) on its shard of the real collated loader, then gather."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=30))
+    try:
+        rows = [
+            {
+                "input_ids": [5, 6, 7][: 1 + i % 3],
+                "prompt_length": 1 + i % 3,
+                "prompt": f"q{i}",
+                "references": [f"a{i}"],
+            }
+            for i in range(size)
+        ]
+        loader = torch.utils.data.DataLoader(
+            IndexedRows(rows), batch_size=2, collate_fn=GenerationCollator(0, "set")
+        )
+        records = []
+        for batch in shard_loader(loader, rank, world_size):
+            records += records_from_batch(batch, [f"{p} by rank {rank}" for p in batch["prompts"]])
+        gathered = gather_records(records)
+        Path(out, f"rank{rank}.json").write_text(json.dumps([dataclasses.asdict(r) for r in gathered]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_ddp_gather_returns_each_example_once_in_order_on_every_rank(tmp_path):
+    size, world_size = 5, 2  # DistributedSampler pads rank 1 with a repeat of example 0
+    mp.spawn(_rank_gathers, args=(world_size, free_port(), size, str(tmp_path)), nprocs=world_size, join=True)
+    expected = [
+        {
+            "index": i,
+            "prompt": f"q{i}",
+            "references": [f"a{i}"],
+            "prediction": f"q{i} by rank {i % 2}",
+            "new_tokens": None,
+            "ended": None,
+        }
+        for i in range(size)
+    ]
+    for rank in range(world_size):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected

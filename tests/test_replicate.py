@@ -288,21 +288,6 @@ def test_unknown_preset_is_one_line():
         replicate.Preset.load("nope")
 
 
-def test_sft_with_a_teacher_never_runs_the_teacher_in_training(tiny_module):
-    """The SFT row keeps the teacher for initialisation and validation only: no teacher forward while training."""
-    from distillens.objective import LossConfig
-
-    module = tiny_module(loss=LossConfig(ce_weight=1.0, kd_weight=0.0, lens_weight=0.0))
-    calls = []
-    module.teacher.register_forward_hook(lambda *args: calls.append(1))
-    ids = torch.randint(0, 101, (2, 9))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    module.train()
-    assert set(module(batch)) == {"tokens", "ce"} and not calls
-    module.eval()
-    assert {"kd", "ce"} <= set(module(batch)) and calls
-
-
 def test_methods_option_runs_a_subset_and_refuses_unknown_names():
     preset = replicate.Preset.load("tiny")
     assert replicate.only(preset, "rkl, distillens").methods == ["rkl", "distillens"]

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from reference import PREDICTIONS, REFERENCES, rouge_l_by_hand
 
+from distillens.evaluation import GenerationSettings
 from distillens.records import GenerationRecord
 from distillens.results import (
     aggregate_over_seeds,
+    protocol_line,
     results_markdown,
     score_records,
     summarize_runs,
@@ -148,3 +150,29 @@ def test_write_results_writes_json_markdown_and_answers(tmp_path):
         "new_tokens": None,  # unknown for records built by hand
         "ended": None,
     }
+
+
+def test_results_table_states_the_protocol_it_ran_under():
+    generation = {**vars(GenerationSettings(no_repeat_ngram_size=6)), "seeds": [10, 20]}
+    data = {
+        "max_prompt_length": 256,
+        "min_reference_tokens": {"sni": 11, "unni": 11},
+        "prompts_truncated": {"dolly": 2, "sni": 1, "unni": 0},
+        "short_references_dropped": {"dolly": 0, "sni": 4, "unni": 7},
+    }
+    line = protocol_line(generation, data)
+    assert line == (
+        "Protocol: sampling (top_k 0, top_p 1.0, temperature 1.0); no_repeat_ngram_size 6; at most 256 new tokens; "
+        "prompts cut to their first 256 tokens (3 cut); sni: references of at least 11 tokens (4 rows dropped); "
+        "unni: references of at least 11 tokens (7 rows dropped)."
+    )
+    greedy = protocol_line({**generation, "do_sample": False, "no_repeat_ngram_size": 0})
+    assert greedy == "Protocol: greedy decoding; no n-gram blocking; at most 256 new tokens."
+    results = {
+        "metrics": ["rougeL"],
+        "seeds": [10],
+        "sets": {"dolly": {"examples": 3, "mean": {"rougeL": 20.0}, "std": {"rougeL": 0.0}}},
+        "generation": generation,
+        "data": data,
+    }
+    assert results_markdown(results).splitlines()[-1] == line
