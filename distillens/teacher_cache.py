@@ -14,7 +14,7 @@ and validation splits stores, for every supervised position, what the objective 
 A cache folder is named after a hash of everything that changes its contents (the teacher's settings and files, the
 tokenised splits, the layer pairs, the precision, the kind, k, temperature and lens norm), so a changed setting
 reads another folder and never a stale one. It holds ``key.json`` (written first), safetensors shards of
-``SHARD_ROWS`` examples (each written to a temporary name and renamed, memory-mapped when read) and ``manifest.json``
+``shard_rows`` examples (each written to a temporary name and renamed, memory-mapped when read) and ``manifest.json``
 (written last, after every shard): a build killed part-way leaves no manifest, is never read, and resumes at the
 first missing shard. Under DDP each rank builds every world-size-th shard and rank 0 writes the manifest.
 """
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 KINDS = ("live", "hidden", "topk")
 CACHE_VERSION = 1  # bump when the layout of a cache folder changes
-SHARD_ROWS = 128  # examples per shard file
 SPLITS = ("train", "validation")
 TEACHER_TARGETS = "teacher_targets"
 """Batch key of a micro-batch's cached teacher targets (``CachedTargets``), attached by the module."""
@@ -66,6 +65,8 @@ class TeacherTargets:
     """topk only: how many of the teacher's most likely tokens each position keeps."""
     cache_dir: str | None = None
     """Folder of teacher caches; null: teacher/ in data.cache_dir."""
+    shard_rows: int = 128
+    """Examples per shard file (each rank of a build writes every world-size-th shard)."""
     build_only: bool = False
     """Build the cache and stop before the first step, exporting nothing (what `distillens teach` sets)."""
 
@@ -142,7 +143,7 @@ def locate(targets: TeacherTargets, key: dict[str, Any], default_root: Path) -> 
 
 
 def _keyed(targets: TeacherTargets, key: dict[str, Any]) -> dict[str, Any]:
-    keyed = {"version": CACHE_VERSION, "kind": targets.kind, **key}
+    keyed = {"version": CACHE_VERSION, "kind": targets.kind, "shard_rows": targets.shard_rows, **key}
     if targets.kind == "topk":
         keyed["k"] = targets.k
     else:  # hidden states do not depend on how the objective projects them
@@ -212,12 +213,13 @@ def build(
         _write_atomically(folder / "key.json", json.dumps(key or {}, default=str, indent=1))
     start = time.perf_counter()
     for split, rows in splits.items():
-        shards = range(rank, -(-len(rows) // SHARD_ROWS), world_size)
+        size = targets.shard_rows
+        shards = range(rank, -(-len(rows) // size), world_size)
         for shard in _progress(shards, f"teacher cache: {split}", rank):
             path = shard_path(folder, split, shard)
             if path.is_file():
                 continue  # written by an interrupted build of the same key
-            indices = range(shard * SHARD_ROWS, min((shard + 1) * SHARD_ROWS, len(rows)))
+            indices = range(shard * size, min((shard + 1) * size, len(rows)))
             tensors = _shard_tensors(targets, view, rows, indices, collator, batch_size, device,
                                      forward_context, temperature)  # fmt: skip
             _save_atomically(tensors, path)
@@ -268,11 +270,12 @@ def _manifest(
     manifest: dict[str, Any] = {
         "kind": targets.kind,
         "k": targets.k,
+        "shard_rows": targets.shard_rows,
         "seconds": round(seconds, 1),
         "splits": {},
     }
     for split, rows in splits.items():
-        paths = [shard_path(folder, split, s) for s in range(-(-len(rows) // SHARD_ROWS))]
+        paths = [shard_path(folder, split, s) for s in range(-(-len(rows) // targets.shard_rows))]
         tokens = 0
         for path in paths:
             with safe_open(str(path), framework="pt") as shard:
@@ -354,7 +357,7 @@ class TeacherCache:
         self._shards: dict[Path, Any] = {}
 
     def _tensor(self, split: str, index: int, name: str) -> Tensor:
-        path = shard_path(self.folder, split, index // SHARD_ROWS)
+        path = shard_path(self.folder, split, index // self.manifest["shard_rows"])
         if path not in self._shards:
             self._shards[path] = safe_open(str(path), framework="pt")
         return self._shards[path].get_tensor(f"{index}.{name}")

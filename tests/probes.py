@@ -22,7 +22,8 @@ class RecordRun(L.Callback):
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Before the module's own on_fit_start, which frees the teacher's blocks when a teacher cache is read."""
         self.folder.mkdir(parents=True, exist_ok=True)
         if trainer.global_rank != 0 or (self.folder / "start.pt").exists():
             return  # a resumed run does not start from the initial weights

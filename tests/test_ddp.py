@@ -200,6 +200,37 @@ def test_ddp_steps_equal_plain_pytorch_over_both_ranks_tokens(ddp_run):
         )
 
 
+def test_ddp_with_accumulation_on_cached_hidden_targets_equals_plain_pytorch(tmp_path):
+    """Two gloo ranks, two micro-batches a step, the teacher's hidden states read from a cache both ranks built
+    (each its shards): after each of the first steps, the weights of the plain PyTorch loop over all four
+    micro-batches' tokens with the live teacher (tests/reference.py)."""
+    args = ddp_args(tmp_path, tmp_path / "cache", "--model.teacher_targets.kind", "hidden",
+                    "--model.teacher_targets.shard_rows", "4", "--trainer.accumulate_grad_batches", "2")  # fmt: skip
+    finished = run_process_group(args, tmp_path / "output.log")
+    assert finished.status == 0, (tmp_path / "output.log").read_text()[-4000:]
+    assert not survivors(finished)
+    (cache,) = (tmp_path / "cache" / "teacher").glob("hidden-*")
+    assert (cache / "manifest.json").is_file()
+    # 20 rows a split in shards of 4: 5 training and 5 validation shards, each rank writing every second one
+    assert (
+        len(list(cache.glob("train-*.safetensors"))) == len(list(cache.glob("validation-*.safetensors"))) == 5
+    )
+    probe = tmp_path / "probe"
+    student, teacher, start = probe_models(probe)
+    steps = probe_steps(probe, REPLAYED_STEPS)
+    # two micro-batches on each rank, but an epoch's third batch ends its step alone (3 batches per rank)
+    assert [len(batches) for batches in steps] == [2 * WORLD, WORLD, 2 * WORLD]
+    lrs = [warmup_cosine_lr(k, 1e-3, 2, MAX_STEPS, 0.1) for k in range(REPLAYED_STEPS)]
+    objective = Objective(student_layers=[1], teacher_layers=[2])
+    reference = train_reference(student, teacher, steps, objective, lrs, weight_decay=0.01, clip=CLIP)
+    for step in range(1, REPLAYED_STEPS + 1):
+        saved = checkpoint_student(tmp_path / "tiny" / "checkpoints" / f"step{step}.ckpt")
+        difference = relative_difference(saved, reference[step - 1].weights, start)
+        assert difference < 1e-3, (
+            f"weights after step {step} off the reference by {difference:.3g} of the update"
+        )
+
+
 def test_ddp_fit_leaves_no_process_behind(ddp_run):
     _, finished = ddp_run
     assert not survivors(finished)

@@ -65,8 +65,8 @@ def batch_of(rows: list[dict], indices: list[int]) -> dict:
 
 
 def build_cache(module, folder: Path, rows: list[dict], kind: str, k: int = 64) -> TeacherCache:
-    """The teacher's targets over ``rows`` (the train split), built in order, three rows to a batch."""
-    targets, view = TeacherTargets(kind=kind, k=k), TeacherView.of(module.objective)
+    """The teacher's targets over ``rows`` (the train split), built in order, three rows to a batch and a shard."""
+    targets, view = TeacherTargets(kind=kind, k=k, shard_rows=3), TeacherView.of(module.objective)
     build(folder, targets, view, {"train": rows}, TrainingCollator(0), 3, device=torch.device("cpu"),
           forward_context=contextlib.nullcontext, temperature=module.loss_config.temperature)  # fmt: skip
     return TeacherCache(folder, kind, view.layers, view.depth)
@@ -156,7 +156,6 @@ def test_topk_targets_never_exceed_the_exact_divergence(divergence, tiny_module,
 def test_a_build_killed_part_way_is_not_read_and_resumes(tiny_module, tmp_path, monkeypatch):
     module = tiny_module(layers=LayerPairs(student=[1], teacher=[2]), vocab=VOCAB)
     rows = example_rows()
-    monkeypatch.setattr("distillens.teacher_cache.SHARD_ROWS", 3)  # three shards of the seven rows
     written = []
     save = __import__("distillens.teacher_cache", fromlist=["_save_atomically"])._save_atomically
 
