@@ -9,7 +9,7 @@ ARGS ?=
 PRESET ?= cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install test train replicate tensorboard bench bench-train bench-memory bench-onpolicy profile gpu-check lint format clean
+.PHONY: help install test train replicate tensorboard bench bench-train bench-memory bench-teacher bench-onpolicy profile gpu-check lint format clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-13s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,6 +45,9 @@ bench-train: $(STAMP) ## Training-step speed, default shapes: KD only vs Distill
 
 bench-memory: $(STAMP) ## Training-step memory: KD only vs DistillLens chunked vs naive, peak memory and tokens/s
 	$(PY) benchmarks/train_step.py $(ARGS)
+
+bench-teacher: $(STAMP) ## Teacher targets: step time live vs hidden vs topk (MODE=speed|memory|bytes|approx)
+	$(PY) benchmarks/teacher_targets.py $(or $(MODE),speed) $(ARGS)
 
 bench-onpolicy: $(STAMP) ## On-policy cost on the embedded default: step time at student fractions 0, 0.5, 1; val/loss
 	$(PY) benchmarks/onpolicy_cost.py $(ARGS)

@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def build(configs: list[str], overrides: list[str]):
     """The config's module (models built) and data module, with the trainer's precision; nothing is run."""
-    from distillens.lightning_cli import DistillensCLI
     from distillens.data import InstructionDataModule
+    from distillens.lightning_cli import DistillensCLI
     from distillens.module import DistillationModule
 
     args = [arg for config in configs for arg in ("--config", config)]

@@ -259,8 +259,8 @@ def _batch_targets(targets, view, batch, device, forward_context, temperature) -
             named |= {
                 f"lens{j}": top_k_of(view.lens.logits(kept[j]), targets.k, temperature) for j in view.layers
             }
-        yield index, {f"{name}.{part}": getattr(top, part) for name, top in named.items()
-                      for part in ("logprobs", "ids", "tail")}  # fmt: skip
+        yield index, {f"{name}.{part}": getattr(top, part) if part != "ids" else top.ids.int()
+                      for name, top in named.items() for part in ("logprobs", "ids", "tail")}  # fmt: skip
 
 
 def _manifest(

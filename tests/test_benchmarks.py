@@ -16,6 +16,7 @@ from helpers import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import profile_step  # noqa: E402
+import teacher_targets  # noqa: E402
 import train_speed  # noqa: E402
 
 
@@ -96,3 +97,25 @@ def test_onpolicy_cost_times_each_fraction_and_generates_only_when_drawn(tmp_pat
     assert speed[1.0]["steps_generating"] == "1/1" and 0 < speed[1.0]["gen_length"] <= 64
     assert all(len(row["seconds"]) == 1 and row["step_s"] > 0 for row in speed.values())
     assert (tmp_path / "onpolicy" / "onpolicy.json").is_file()
+
+
+def test_bench_teacher_times_and_measures_every_kind_of_targets(tmp_path):
+    """`make bench-teacher` on tiny models: a row per kind; the top-k variants hold no teacher weight while they
+    train, hidden holds its head only; the byte counts are the cache layout's (checked against a built cache in
+    tests/test_teacher_cache.py)."""
+    names = ["live", "hidden", "topk4"]
+    out = ["--workload", "tiny", "--k", "4", "--out", str(tmp_path)]
+    speed = teacher_targets.main(["speed", "--rounds", "1", *out])
+    assert [row["variant"] for row in speed["rows"]] == names
+    assert speed["rows"][0]["speedup_vs_live"] == 1.0 and all(
+        r["seconds_per_step"] > 0 for r in speed["rows"]
+    )
+    memory = {row["variant"]: row for row in teacher_targets.main(["memory", "--steps", "1", *out])["rows"]}
+    assert list(memory) == names and not any("error" in row for row in memory.values()), memory
+    live, hidden = memory["live"]["teacher_bytes_in_memory"], memory["hidden"]["teacher_bytes_in_memory"]
+    assert live > hidden > 0 and memory["topk4"]["teacher_bytes_in_memory"] == 0
+    sizes = {
+        (r["shape"][:7], r["kind"]): r["bytes_per_token"]
+        for r in teacher_targets.main(["bytes", *out])["rows"]
+    }
+    assert sizes["default", "hidden bf16"] == 6 * 576 * 2 and sizes["GPT-2 1", "topk4"] == 6 * (4 * 8 + 4)

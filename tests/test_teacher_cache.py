@@ -297,3 +297,20 @@ def test_a_fit_on_complete_topk_targets_builds_no_teacher_block(tmp_path, monkey
     assert built == [cli.model.student_spec]  # the student only: no teacher was loaded
     assert is_stripped(cli.model.teacher) and all(p.is_meta for p in cli.model.teacher.parameters())
     assert all(value == value for value in curves(tmp_path / "fit")["train/loss"].values())  # finite, not NaN
+
+
+@pytest.mark.parametrize(("kind", "per_layer"), [("hidden", 48 * 4), ("topk", 16 * 8 + 4)])
+def test_the_cache_holds_the_documented_bytes_per_supervised_token(kind, per_layer, tiny_module, tmp_path):
+    """What `model.teacher_targets.kind`'s help and `make bench-teacher MODE=bytes` state: (pairs + 1) layers of
+    hidden size x 4 bytes in fp32, or of 8 k + 4 bytes (fp32 log-probabilities, int32 ids, one fp32 tail)."""
+    from safetensors import safe_open
+
+    module = tiny_module(layers=LayerPairs(student=[1, 2], teacher=[2, 3]), vocab=VOCAB)  # teacher width 48
+    cache = build_cache(module, tmp_path, example_rows(), kind, k=16)
+    data = 0
+    for path in tmp_path.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as shard:
+            tensors = [shard.get_tensor(name) for name in list(shard.keys())]
+            data += sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    tokens = cache.manifest["splits"]["train"]["tokens"]
+    assert data == tokens * 3 * per_layer  # two pairs and the last layer
