@@ -466,7 +466,6 @@ def teacher_cache_location(module: DistillationModule) -> CacheLocation | None:
         "seed": _run_seed() if spec.config is not None else None,  # a random-config teacher's weights
         "splits": {name: data.split_key(name) for name in ("train", "validation") if name in data.splits},
         "layers": asdict(module.layer_pairs),
-        "lens_pairs": bool(loss.lens_weight or loss.mse_weight),
         "copied_from": module.student_spec.init_from_teacher_layers,
         "precision": str(trainer.precision),
         "temperature": loss.temperature,

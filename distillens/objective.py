@@ -266,10 +266,12 @@ class Objective:
         self.teacher_lens = LogitLens(teacher, apply_final_norm=config.lens_final_norm)
         self.student_head = LogitLens(student)  # the real output head, for the final-layer term
         self.teacher_head = LogitLens(teacher)
+        # resolved whatever the weights: a teacher cache stores every configured pair, for every method of a study
+        self.configured_pairs = pairs.resolve(
+            self.student_lens.num_layers, self.teacher_lens.num_layers, copied_from
+        )
         if config.lens_weight or config.mse_weight:
-            self.student_layers, self.teacher_layers = pairs.resolve(
-                self.student_lens.num_layers, self.teacher_lens.num_layers, copied_from
-            )
+            self.student_layers, self.teacher_layers = (list(layers) for layers in self.configured_pairs)
         pairs_per_step, count = config.lens_pairs_per_step, len(self.student_layers)
         if config.lens_weight and pairs_per_step is not None and pairs_per_step > count:
             log.warning(

@@ -178,9 +178,10 @@ class TeacherView:
 
     @classmethod
     def of(cls, objective: Any) -> TeacherView:
-        """The teacher an ``objective.Objective`` reads, with its lenses and paired layers."""
-        lens = objective.teacher_lens
-        return cls(objective.teacher, lens, objective.teacher_head, objective.teacher_layers, lens.num_layers)
+        """The teacher an ``objective.Objective`` reads, with its lenses and every configured layer pair (also
+        when this objective has no lens term: the methods of a study share one cache)."""
+        lens, layers = objective.teacher_lens, objective.configured_pairs[1]
+        return cls(objective.teacher, lens, objective.teacher_head, list(layers), lens.num_layers)
 
     @property
     def captured(self) -> list[int]:
@@ -227,7 +228,7 @@ def build(
     if rank == 0:
         manifest = _manifest(folder, splits, targets, time.perf_counter() - start)
         _write_atomically(folder / "manifest.json", json.dumps(manifest, indent=1))
-        log.warning(describe(manifest, folder))
+        print(describe(manifest, folder), flush=True)
     barrier()
 
 
@@ -339,7 +340,7 @@ def prepare(location: CacheLocation, targets: TeacherTargets, view: TeacherView,
     strip_blocks(view.lens.blocks if targets.kind == "hidden" else [view.model])
     if targets.build_only:
         trainer.should_stop = True  # the fit loop ends before its first step
-    return TeacherCache(location.folder, targets.kind, view.layers, view.depth)
+    return TeacherCache(location.folder, targets.kind, module.objective.teacher_layers, view.depth)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,6 +351,7 @@ class TeacherCache:
     """A complete cache, read row by row (memory-mapped shards) into each micro-batch's ``CachedTargets``."""
 
     def __init__(self, folder: Path, kind: str, view_layers: list[int], depth: int) -> None:
+        """``view_layers``: the paired teacher layers this objective reads (a subset of those cached)."""
         if not is_complete(folder):
             raise FileNotFoundError(f"{folder}: the teacher cache is not complete (no manifest.json)")
         self.folder, self.kind, self.layers, self.depth = folder, kind, view_layers, depth

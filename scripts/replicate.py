@@ -68,6 +68,10 @@ class Preset:
     """The method every other one is compared with, seed by seed and prompt by prompt."""
     also_compare: list[list[str]] = field(default_factory=list)
     """More [method, baseline] pairs to compare, beside the proposed method against each other one."""
+    teacher_targets: str = "live"
+    """model.teacher_targets.kind of every fit whose objective reads the teacher from its training batches: hidden
+    (or topk) builds the teacher cache in the first such fit and every later method and seed reads it; on-policy
+    methods and SFT run as they are (new sequences; no teacher term)."""
 
     def comparisons(self) -> list[tuple[str, str]]:
         """(method, baseline) pairs of the difference tables: the proposed one against every other, then the rest."""
@@ -171,11 +175,37 @@ def fit_command(preset: Preset, run: Run) -> list[str]:
         "--trainer.logger.init_args.save_dir", str(run.folder.parents[1]),
         "--trainer.logger.init_args.name", run.method,
         "--trainer.logger.init_args.version", run.folder.name,
-        *preset.fit_args,
+        *targets_args(preset, run), *preset.fit_args,
     )  # fmt: skip
     if (run.folder / "checkpoints" / "last.ckpt").is_file():
         command += ["--ckpt_path", str(run.folder / "checkpoints" / "last.ckpt")]
     return command
+
+
+def targets_args(preset: Preset, run: Run) -> list[str]:
+    """The preset's teacher targets for a method that can read them (its objective reads the teacher and it trains
+    on the references only: the base configs' and the overlay's model.loss and model.on_policy, merged), cached in
+    the study's folder (``teacher-cache/``, beside ``runs/``)."""
+    if preset.teacher_targets == "live":
+        return []
+    from distillens.objective import LossConfig
+    from distillens.onpolicy import OnPolicyConfig
+
+    model: dict[str, dict] = {"loss": {}, "on_policy": {}}
+    for path in [*(ROOT / p for p in preset.config), preset.overlay(run.method)]:
+        settings = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
+        for group in model:
+            model[group].update(settings.get(group) or {})
+    loss, on_policy = LossConfig(**model["loss"]), OnPolicyConfig(**model["on_policy"])
+    if not loss.reads_teacher or on_policy.enabled:
+        return []
+    cache = run.folder.parents[2] / "teacher-cache"
+    return [
+        "--model.teacher_targets.kind",
+        preset.teacher_targets,
+        "--model.teacher_targets.cache_dir",
+        str(cache),
+    ]
 
 
 def generation_args(preset: Preset, run: Run, decoding: str = "sampled") -> list[str]:

@@ -58,6 +58,28 @@ def test_every_run_trained_exported_and_scored(study):
     assert (out / "teacher" / "eval-greedy" / "results.json").is_file()
 
 
+def test_the_study_runs_the_teacher_once_per_teacher_and_every_method_reads_its_cache(study):
+    """The tiny preset caches hidden states (teacher_targets: hidden): its random teacher differs by seed, so one
+    cache per seed, built by the first method that reads the teacher and read by the others; SFT has no teacher
+    term and runs as it is."""
+    preset, out = study
+    caches = sorted((out / "teacher-cache").glob("hidden-*"))
+    assert len(caches) == len(preset.train_seeds) and all((c / "manifest.json").is_file() for c in caches)
+    for seed in preset.train_seeds:
+        runs = {m: out / "runs" / m / f"seed{seed}" for m in preset.methods}
+        kinds = {
+            m: (yaml.safe_load((r / "config.yaml").read_text())["model"]["teacher_targets"] or {}).get(
+                "kind", "live"
+            )
+            for m, r in runs.items()
+        }
+        assert kinds == {"sft": "live", "kd": "hidden", "rkl": "hidden", "distillens": "hidden"}
+        built = [m for m, r in runs.items() if "teacher cache (hidden)" in (r / "fit.log").read_text()]
+        assert built == ["kd"], (
+            f"seed {seed}: the cache was built by {built}"
+        )  # the first in the preset's order
+
+
 def test_runs_differ_by_method_and_seed(study):
     """Each method trained with its own objective and each seed with its own initialisation and data order: the
     saved configs say so, and two seeds of one method end with different weights."""
