@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from distillens.data.collate import EXAMPLE_INDEX, IndexedRows, TrainingCollator
 from distillens.lens import LogitLens
 from distillens.losses import IGNORE_INDEX
+from distillens.sharding import is_sharded
 from distillens.topk import TopK, top_k_of
 
 log = logging.getLogger(__name__)
@@ -325,6 +326,11 @@ def prepare(location: CacheLocation, targets: TeacherTargets, view: TeacherView,
     """A fit's cache, built first when it is missing (every rank its share), once the teacher is on its device;
     then the teacher's blocks (hidden) or the whole teacher (topk) are freed. ``module``: the LightningModule."""
     trainer, data = module.trainer, module.trainer.datamodule
+    if is_sharded(view.model):
+        raise ValueError(
+            f"model.teacher_targets.kind={targets.kind} is not supported with a sharded (FSDP) teacher yet: use "
+            "the ddp strategy, or kind live"
+        )
     if not is_complete(location.folder):
         if is_stripped(view.model):
             raise RuntimeError(

@@ -314,3 +314,33 @@ def test_the_cache_holds_the_documented_bytes_per_supervised_token(kind, per_lay
             data += sum(tensor.numel() * tensor.element_size() for tensor in tensors)
     tokens = cache.manifest["splits"]["train"]["tokens"]
     assert data == tokens * 3 * per_layer  # two pairs and the last layer
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"kind": "disk"}, r"kind='disk': expected one of live, hidden, topk"),
+        ({"kind": "topk", "k": 0}, r"k=0: must be >= 1"),
+        ({"kind": "hidden", "on_policy": True}, r"does not combine with on-policy training"),
+        ({"kind": "topk", "mse": True}, r"holds no hidden states, which the MSE baseline needs"),
+        ({"kind": "hidden", "reads_teacher": False}, r"nothing to cache; use kind live"),
+    ],
+    ids=["kind", "k", "on-policy", "topk-mse", "sft"],
+)
+def test_targets_that_cannot_work_are_one_line(settings, message):
+    kind, k = settings.pop("kind"), settings.pop("k", 64)
+    arguments = {"reads_teacher": True, "on_policy": False, "mse": False} | settings
+    with pytest.raises(ValueError, match=message):
+        TeacherTargets(kind=kind, k=k).check(**arguments)
+
+
+def test_a_sharded_teacher_is_refused_before_any_build(tiny_module, tmp_path, monkeypatch):
+    from distillens.teacher_cache import CacheLocation, prepare
+
+    module = tiny_module(layers=LayerPairs(student=[1], teacher=[2]), vocab=VOCAB)
+    monkeypatch.setattr("distillens.teacher_cache.is_sharded", lambda model: True)
+    trainer = SimpleNamespace(datamodule=None)
+    with pytest.raises(ValueError, match="not supported with a sharded"):
+        prepare(CacheLocation(tmp_path, {}), TeacherTargets(kind="hidden"), TeacherView.of(module.objective),
+                SimpleNamespace(trainer=trainer))  # fmt: skip
+    assert not list(tmp_path.iterdir())
