@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="memory: training steps measured")
     parser.add_argument("--fp32", action="store_true", help="speed/memory in fp32 instead of bf16 autocast")
     parser.add_argument("--threads", type=int)
+    parser.add_argument(
+        "--exact-lens", action="store_true", help="every layer pair in every step (the paper's objective) instead of "
+        "the default's one drawn pair",
+    )  # fmt: skip
     parser.add_argument("--max-batches", type=int, default=8, help="approx: validation batches")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)  # memory: the variant a child process measures
     return parser.parse_args(argv)
@@ -74,7 +78,7 @@ def name_of(kind: str, k: int) -> str:
 # ------------------------------------------------------------------------------------------------ the module
 
 
-def random_module(workload_name: str):
+def random_module(workload_name: str, exact_lens: bool = False):
     """The benchmark's DistillationModule: random models of the workload's shapes, the default's objective."""
     workload = WORKLOADS[workload_name]
     with tempfile.TemporaryDirectory() as folder:
@@ -82,6 +86,8 @@ def random_module(workload_name: str):
         student = {**workload.student, "tokenizer": tokenizer}
         teacher = {"config": workload.teacher, "tokenizer": tokenizer}
         loss = {**DEFAULT["model"]["loss"], "chunk_size": 256}
+        if exact_lens:
+            loss["lens_pairs_per_step"] = None
         module = harness.build_module(student, teacher, loss, workload, "cpu")
     return module, workload
 
@@ -124,7 +130,7 @@ def step(module, optimizer, batch, cache: TeacherCache | None, autocast) -> floa
 
 def speed(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
-    module, workload = random_module(args.workload)
+    module, workload = random_module(args.workload, args.exact_lens)
     autocast = lambda: torch.autocast("cpu", torch.bfloat16, enabled=not args.fp32)  # noqa: E731
     vocab = module.student.config.vocab_size
     raw = make_batch(workload.batch, workload.tokens, vocab, workload.supervised, "cpu")
@@ -311,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
         )
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
-    harness.save_record(args.out, f"teacher_targets_{args.mode}_{args.workload}.json", record)
+    lens = "_exact" if args.exact_lens else ""
+    harness.save_record(args.out, f"teacher_targets_{args.mode}_{args.workload}{lens}.json", record)
     return record
 
 

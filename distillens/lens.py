@@ -362,6 +362,13 @@ class _ChunkedLensDivergence(torch.autograd.Function):
         return (None, grads[0], None, *grads[1:])
 
 
+def chunked_divergence(plan, student_rows: Tensor, teacher_rows: Tensor, *student_params: Tensor):
+    """``_ChunkedLensDivergence`` for any plan with its interface (``chunk_size``, ``differentiated``, ``row_weight``,
+    ``values``, ``values_and_grads``): the top-k targets of a teacher cache (topk.py) reuse it. Returns (the
+    weighted sum, the per-row values)."""
+    return _ChunkedLensDivergence.apply(plan, student_rows, teacher_rows, *student_params)
+
+
 def _accumulate(grads: list, needs_grad: list[bool], chunk_grads: Sequence, chunk: slice) -> None:
     """Add one chunk's gradients: rows into their slice of the row gradient, parameters into the running sum."""
     chunk_grads = iter(chunk_grads)

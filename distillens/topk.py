@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from distillens.lens import LogitLens
+from distillens.lens import LogitLens, chunked_divergence
 from distillens.losses import get_token_divergence
 
 
@@ -40,8 +39,13 @@ class TopK:
         return torch.cat([self.logprobs.float(), self.tail.float()[:, None]], dim=-1)  # (N, k+1)
 
     def rows(self, keep: Tensor) -> TopK:
-        """The positions where the boolean (N,) ``keep`` is true (a sampled lens's token subset)."""
+        """The positions ``keep`` selects: a boolean (N,) mask (a sampled lens's token subset) or indices."""
         return TopK(self.logprobs[keep], self.ids[keep], self.tail[keep])
+
+    @staticmethod
+    def cat(parts: Sequence[TopK]) -> TopK:
+        """Several pairs' targets one after the other, as their student rows are."""
+        return TopK(*(torch.cat([getattr(p, name) for p in parts]) for name in ("logprobs", "ids", "tail")))
 
 
 def top_k_of(logits: Tensor, k: int, temperature: float = 1.0) -> TopK:
@@ -51,10 +55,17 @@ def top_k_of(logits: Tensor, k: int, temperature: float = 1.0) -> TopK:
     return TopK(values, ids, _tail(logp, ids))
 
 
-def student_buckets(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
-    """(N, k + 1) the student's log-probabilities of the teacher's top-k ``ids`` (N, k) and of everything else."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (N, V)
-    return torch.cat([logp.gather(-1, ids), _tail(logp, ids)[:, None]], dim=-1)  # (N, k+1)
+def _tail_of_head(logp: Tensor, ids: Tensor, head: Tensor) -> Tensor:
+    """``_tail`` from the top k's log-probabilities ``head`` (n, k): log(1 - their mass), a pass over (n, k) only;
+    rows whose top k hold more than 0.99 of the mass (where 1 - mass loses digits) take the exact ``_tail``."""
+    if ids.shape[-1] >= logp.shape[-1]:
+        return _tail(logp, ids)
+    mass = head.exp().sum(-1)  # (n,)
+    tail = torch.log1p(-mass.clamp_max(1.0))  # (n,)
+    close = mass > 0.99
+    if close.any():
+        tail = tail.masked_scatter(close, _tail(logp[close], ids[close]))
+    return tail
 
 
 def _tail(logp: Tensor, ids: Tensor) -> Tensor:
@@ -80,49 +91,106 @@ def topk_divergence(
 ) -> tuple[Tensor, Tensor]:
     """The divergence between the student's projected distributions and cached top-k teacher targets.
 
+    Chunk by chunk, as the live lens term (``lens.chunked_divergence``): each chunk's (n, V) student logits exist
+    once, and their gradient is computed while they do, from the gradient with respect to the k + 1 buckets
+    (``bucket_values_and_grads``); no teacher projection at all.
+
     Args:
-        student_hidden: k tensors (B, T, d_s), one per pair, aligned with ``mask``.
-        teacher: k ``TopK``, one per pair, at the positions where ``mask`` is true (row-major order).
+        student_hidden: p tensors (B, T, d_s), one per pair, aligned with ``mask``.
+        teacher: p ``TopK``, one per pair, at the positions where ``mask`` is true (row-major order).
         student_projection: the student's lens (or output head) mapping hidden states to logits.
         mask: (B, T) bool, the supervised (or drawn) positions.
         divergence: a registered divergence name.
-        chunk_size: rows projected at once; each chunk is recomputed in the backward pass (activation
-            checkpointing), so peak memory holds one chunk of vocabulary-sized rows.
+        chunk_size: rows projected at once.
         reduction: "sum" (token sum, averaged over pairs) or "mean" (token mean).
         temperature: the student's softmax temperature (the teacher's targets were stored at it).
 
     Returns:
         (loss, per_pair): the scalar with its gradient path, and each pair's token mean (detached).
     """
-    token_divergence = get_token_divergence(divergence)
     keep = mask.reshape(-1).bool()  # (B*T,)
-    count = int(keep.sum())
-    per_pair, total = [], None
-    for hidden, target in zip(student_hidden, teacher, strict=True):
-        rows = hidden.reshape(-1, hidden.shape[-1])[keep]  # (N, d_s)
+    count, pairs = int(keep.sum()), len(student_hidden)
+    for target in teacher:
         if target.ids.shape[0] != count:
             raise ValueError(f"top-k targets hold {target.ids.shape[0]} positions, the batch {count}")
-        pair = _pair_sum(rows, target, student_projection, token_divergence, chunk_size, temperature, params)
-        per_pair.append(pair.detach() / max(count, 1))
-        total = pair if total is None else total + pair
-    loss = total / len(per_pair) / (max(count, 1) if reduction == "mean" else 1)
-    return loss, torch.stack(per_pair)
+    student_rows = torch.cat([h.reshape(-1, h.shape[-1])[keep] for h in student_hidden])  # (p*N, d_s)
+    tracking = torch.is_grad_enabled()
+    student_params = [p for p in student_projection.parameters() if p.requires_grad] if tracking else []
+    row_weight = 1.0 / pairs / (max(count, 1) if reduction == "mean" else 1)
+    plan = _TopKPlan(student_projection, TopK.cat(teacher), divergence, params, chunk_size, row_weight,
+                     temperature, student_params)  # fmt: skip
+    rows = torch.arange(
+        student_rows.shape[0], device=student_rows.device
+    )  # (p*N,): which targets a chunk reads
+    loss, per_row = chunked_divergence(
+        plan, student_rows if tracking else student_rows.detach(), rows, *student_params
+    )
+    return loss, per_row.reshape(pairs, count).sum(-1) / max(count, 1)
 
 
-def _pair_sum(rows, target: TopK, projection: LogitLens, token_divergence, chunk_size, temperature, params):
-    """Token sum of one pair's divergence, chunk by chunk, each chunk's (n, V) logits recomputed in backward."""
+class _TopKPlan:
+    """What every chunk needs (``lens.chunked_divergence``'s plan): the student's projection, the targets, the
+    divergence; under autocast the unembedding is cast once for all chunks, as the live plan does."""
 
-    def chunk_sum(hidden: Tensor, ids: Tensor, teacher_buckets: Tensor) -> Tensor:
-        buckets = student_buckets(projection.logits(hidden), ids, temperature)  # (n, k+1)
-        return token_divergence(buckets, teacher_buckets, temperature=1.0, **params).sum()
-
-    teacher_buckets = target.buckets()  # (N, k+1)
-    ids = target.ids.long()  # (N, k)
-    total = rows.new_zeros((), dtype=torch.float32)
-    for start in range(0, rows.shape[0], chunk_size):
-        part = slice(start, start + chunk_size)
-        args = (rows[part], ids[part], teacher_buckets[part])
-        total = total + (
-            checkpoint(chunk_sum, *args, use_reentrant=False) if rows.requires_grad else chunk_sum(*args)
+    def __init__(
+        self, lens, targets, divergence, params, chunk_size, row_weight, temperature, student_params
+    ):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.lens, self.targets, self.token_fn = lens, targets, get_token_divergence(divergence)
+        self.params, self.chunk_size, self.row_weight, self.temperature = (
+            params,
+            chunk_size,
+            row_weight,
+            temperature,
         )
-    return total
+        self.weight = lens.cast_unembedding()  # (V, d_s) or None
+        own = lens.unembedding.weight if self.weight is not None else None
+        self.differentiated = [self.weight if p is own else p for p in student_params]
+
+    def values(self, student_rows: Tensor, rows: Tensor) -> Tensor:
+        """Per-row divergences of one chunk, no gradient: (n, d_s) and the chunk's target rows (n,) -> (n,)."""
+        with torch.no_grad():
+            logits = self.lens.logits(student_rows, self.weight)  # (n, V)
+            return bucket_values_and_grads(logits, self.targets.rows(rows), self.token_fn, self.temperature,
+                                           self.params, weight=None)[0]  # fmt: skip
+
+    def values_and_grads(self, student_rows: Tensor, rows: Tensor, wanted: list[Tensor]):
+        """Per-row divergences (n,) and the gradients of their weighted sum with respect to ``wanted``."""
+        with torch.enable_grad():
+            logits = self.lens.logits(student_rows, self.weight)  # (n, V)
+            values, grad_logits = bucket_values_and_grads(
+                logits.detach(), self.targets.rows(rows), self.token_fn, self.temperature, self.params,
+                weight=self.row_weight,
+            )  # fmt: skip
+            grads = torch.autograd.grad(logits, wanted, grad_logits.to(logits.dtype), allow_unused=True)
+        return values, grads
+
+
+def bucket_values_and_grads(logits: Tensor, target: TopK, token_fn, temperature: float, params: dict,
+                            weight: float | None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Per-row divergences between the student's (k + 1)-bucket distribution and the teacher's, and the gradient of
+    ``weight`` x their sum with respect to the student's logits (None without a weight).
+
+    Autograd runs through the divergence on the small (n, k + 1) buckets only; the chain rule to the (n, V) logits
+    is written out. With z the logits over temperature t, q = softmax(z) and b the buckets' log-probabilities
+    (b_i = log q_{id_i}, b_tail = log q_tail): d b_i / d z_j = [j = id_i] - q_j and d b_tail / d z_j = [j in tail]
+    q_j / q_tail - q_j, so dL/dz_j = g_{i: id_i = j} + [j in tail] g_tail q_j / q_tail - q_j sum(g), over t.
+    """
+    logq = torch.log_softmax(logits.float() / temperature, dim=-1)  # (n, V)
+    ids = target.ids.long()  # (n, k)
+    head = logq.gather(-1, ids)  # (n, k)
+    buckets = torch.cat([head, _tail_of_head(logq, ids, head)[:, None]], dim=-1)  # (n, k+1)
+    if weight is None:
+        return token_fn(buckets, target.buckets(), temperature=1.0, **params), None
+    buckets = buckets.detach().requires_grad_()
+    with torch.enable_grad():
+        values = token_fn(buckets, target.buckets(), temperature=1.0, **params)  # (n,)
+        (g,) = torch.autograd.grad(values.sum() * weight, buckets)  # (n, k+1)
+    total = g.sum(-1, keepdim=True)  # (n, 1)
+    tail = buckets[:, -1].detach()  # (n,)
+    per_tail_mass = torch.where(torch.isfinite(tail), g[:, -1] * torch.exp(-tail), 0.0)[:, None]  # (n, 1)
+    q = logq.exp_()  # (n, V), in place: logq is not needed again
+    grad = q * (per_tail_mass - total)  # (n, V): every token as if in the tail
+    grad.scatter_(-1, ids, g[:, :-1] - q.gather(-1, ids) * total)  # the top k are not
+    return values.detach(), grad / temperature

@@ -344,3 +344,33 @@ def test_a_sharded_teacher_is_refused_before_any_build(tiny_module, tmp_path, mo
         prepare(CacheLocation(tmp_path, {}), TeacherTargets(kind="hidden"), TeacherView.of(module.objective),
                 SimpleNamespace(trainer=trainer))  # fmt: skip
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("peaked", [False, True], ids=["spread", "student-mass-in-the-top-k"])
+@pytest.mark.parametrize("divergence", sorted(REGISTRY))
+def test_the_written_out_bucket_gradient_is_autograds(divergence, peaked):
+    """topk.bucket_values_and_grads applies the chain rule from the k + 1 buckets to the V logits by hand; autograd
+    through the buckets written here (gather and a log-sum-exp over the rest) must agree, tail included; also where
+    the student holds over 0.99 of its mass in the teacher's top k (its tail then comes from the exact sum)."""
+    from distillens.losses import get_token_divergence
+    from distillens.topk import bucket_values_and_grads, top_k_of
+
+    generator = torch.Generator().manual_seed(3)
+    teacher_logits = torch.randn(9, 50, generator=generator) * 3  # (n, V)
+    student = torch.randn(9, 50, generator=generator) * 3  # (n, V)
+    if peaked:
+        student = teacher_logits * 8 + student * 0.1
+    target = top_k_of(teacher_logits, k=7, temperature=1.5)
+    token_fn = get_token_divergence(divergence)
+    values, grad = bucket_values_and_grads(student, target, token_fn, 1.5, {}, weight=0.7)
+
+    logits = student.clone().requires_grad_()
+    logq = torch.log_softmax(logits / 1.5, dim=-1)  # (n, V)
+    in_top = torch.zeros_like(logq, dtype=torch.bool).scatter(-1, target.ids, True)
+    rest = torch.logsumexp(logq.masked_fill(in_top, float("-inf")), dim=-1)  # (n,)
+    buckets = torch.cat([logq.gather(-1, target.ids), rest[:, None]], dim=-1)
+    teacher = torch.cat([target.logprobs, target.tail[:, None]], dim=-1)
+    expected = token_fn(buckets, teacher)
+    (0.7 * expected.sum()).backward()
+    torch.testing.assert_close(values, expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, logits.grad, rtol=1e-4, atol=1e-6)
