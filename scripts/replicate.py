@@ -71,7 +71,8 @@ class Preset:
     teacher_targets: str = "live"
     """model.teacher_targets.kind of every fit whose objective reads the teacher from its training batches: hidden
     (or topk) builds the teacher cache in the first such fit and every later method and seed reads it; on-policy
-    methods and SFT run as they are (new sequences; no teacher term)."""
+    methods and SFT run as they are (new sequences; no teacher term), and a method whose overlay chooses its own
+    kind keeps it (its cache in the study's folder too)."""
 
     def comparisons(self) -> list[tuple[str, str]]:
         """(method, baseline) pairs of the difference tables: the proposed one against every other, then the rest."""
@@ -191,7 +192,7 @@ def targets_args(preset: Preset, run: Run) -> list[str]:
     from distillens.objective import LossConfig
     from distillens.onpolicy import OnPolicyConfig
 
-    model: dict[str, dict] = {"loss": {}, "on_policy": {}}
+    model: dict[str, dict] = {"loss": {}, "on_policy": {}, "teacher_targets": {}}
     for path in [*(ROOT / p for p in preset.config), preset.overlay(run.method)]:
         settings = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
         for group in model:
@@ -199,13 +200,10 @@ def targets_args(preset: Preset, run: Run) -> list[str]:
     loss, on_policy = LossConfig(**model["loss"]), OnPolicyConfig(**model["on_policy"])
     if not loss.reads_teacher or on_policy.enabled:
         return []
-    cache = run.folder.parents[2] / "teacher-cache"
-    return [
-        "--model.teacher_targets.kind",
-        preset.teacher_targets,
-        "--model.teacher_targets.cache_dir",
-        str(cache),
-    ]
+    cache = ["--model.teacher_targets.cache_dir", str(run.folder.parents[2] / "teacher-cache")]
+    if model["teacher_targets"].get("kind", "live") != "live":
+        return cache  # the method's own kind (e.g. top-k targets beside the exact ones)
+    return ["--model.teacher_targets.kind", preset.teacher_targets, *cache]
 
 
 def generation_args(preset: Preset, run: Run, decoding: str = "sampled") -> list[str]:

@@ -342,3 +342,20 @@ def test_comparisons_are_the_proposed_method_against_each_other_then_the_extra_p
         ("distillens", "rkl"),
         ("rkl", "sft"),
     ]
+
+
+def test_which_methods_of_a_study_read_the_teacher_cache():
+    """cpu-evidence caches hidden states for the methods that read the teacher from the references; on-policy
+    and SFT runs keep the live teacher; the top-k method keeps its own kind; all caches in the study's folder."""
+    preset = replicate.Preset.load("cpu-evidence")
+    out = Path("/tmp/unused")
+    args = {
+        m: replicate.targets_args(preset, replicate.Run(m, 1, out / "runs" / m / "seed1"))
+        for m in preset.methods
+    }
+    cache = ["--model.teacher_targets.cache_dir", str(out / "teacher-cache")]
+    hidden = ["--model.teacher_targets.kind", "hidden", *cache]
+    assert args == {
+        "distillens_fkl": hidden, "fkl": hidden, "distillens": hidden, "rkl": hidden, "kd": hidden, "sft": [],
+        "distillens_fkl_onpolicy": [], "distillens_fkl_topk64": cache,
+    }  # fmt: skip
