@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -305,12 +304,12 @@ def test_missing_local_folder_names_the_path(tmp_path):
 def test_hub_id_offline_fails_with_one_line_naming_the_id(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub_id = "distillens-tests/no-such-model"
-    started = time.perf_counter()
+    connects = record_connections(monkeypatch)
     for load in (load_model, load_tokenizer):
         with pytest.raises(OSError, match=hub_id) as error:
             load(ModelSpec(source=hub_id))
         assert "\n" not in str(error.value)
-    assert time.perf_counter() - started < 10  # offline means no network retries
+    assert connects == []  # offline means no network attempt, so no retries to wait for
 
 
 def _record_that_pickle_ran_code(marker: str) -> None:
@@ -416,10 +415,8 @@ def test_a_tiny_model_converts_only_the_teachers_tokenizer(converted_teacher, tm
 def test_second_call_reuses_the_converted_folder(converted_teacher):
     models_dir, folder, _ = converted_teacher
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    started = time.perf_counter()
     assert default_teacher_dir(models_dir) == folder
-    assert time.perf_counter() - started < 1
-    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # nothing converted again
 
 
 @pytest.mark.slow
@@ -446,7 +443,7 @@ def test_hub_id_without_network_fails_in_seconds_saying_how_to_load_it_locally(m
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("distillens.hub.hub_reachable", lambda: False)
     hub_id = "distillens-tests/no-such-model"
-    started = time.perf_counter()
+    connects = record_connections(monkeypatch)
     for load in (load_model, load_tokenizer):
         with pytest.raises(
             OSError, match=f"{hub_id}' is not a local folder and the Hugging Face hub is unreachable"
@@ -454,4 +451,18 @@ def test_hub_id_without_network_fails_in_seconds_saying_how_to_load_it_locally(m
             load(ModelSpec(source=hub_id))
     with pytest.raises(OSError, match=r"model.student.adapter: .* HF_HUB_OFFLINE=1"):
         check_hub_sources(ModelSpec(source=str(tmp_path), adapter=hub_id), "model.student")
-    assert time.perf_counter() - started < 5
+    assert connects == []  # stopped before the hub client tried (and retried) a connection
+
+
+def record_connections(monkeypatch) -> list:
+    """Every socket connection attempted from here on (refused, so a test never reaches a network)."""
+    import socket
+
+    attempts = []
+
+    def refuse(self, address):
+        attempts.append(address)
+        raise ConnectionRefusedError(f"test: no connection to {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts

@@ -103,11 +103,9 @@ class InstructionDataModule(L.LightningDataModule):
         check_choices(format, field_map, template)
         check_sizes(max_length, max_prompt_length, val_size, validation)
         check_at_least_one(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            pad_to_multiple_of=pad_to_multiple_of,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, pad_to_multiple_of=pad_to_multiple_of,
             max_samples=max_samples,
-        )
+        )  # fmt: skip
         self.train, self.validation = train, validation
         self.test = [test] if isinstance(test, str) else list(test or [])
         self.template, self.max_length, self.max_prompt_length = template, max_length, max_prompt_length
@@ -121,19 +119,10 @@ class InstructionDataModule(L.LightningDataModule):
         self._plans = plan_splits(train, validation, self.test, val_size)  # bad paths fail here, early
         self.min_reference_tokens = check_reference_minimums(min_reference_tokens, self.test_set_names)
         self.settings = PipelineSettings(
-            format=format,
-            field_map=dict(field_map or {}),
-            template=template,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-            min_reference_tokens=self.min_reference_tokens,
-            val_size=val_size,
-            seed=seed,
-            max_samples=max_samples,
-            skip_bad_rows=skip_bad_rows,
-            hub_split=hub_split,
-            revision=revision,
-        )
+            format=format, field_map=dict(field_map or {}), template=template, max_length=max_length,
+            max_prompt_length=max_prompt_length, min_reference_tokens=self.min_reference_tokens, val_size=val_size,
+            seed=seed, max_samples=max_samples, skip_bad_rows=skip_bad_rows, hub_split=hub_split, revision=revision,
+        )  # fmt: skip
         self._reader = SourceReader(self.settings, self.cache_dir)
         self._train_resume_at: dict[str, int] | None = None  # from a checkpoint, see load_state_dict
 
