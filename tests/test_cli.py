@@ -378,7 +378,7 @@ def test_top_level_help_lists_the_subcommands(capsys):
     code, out, _ = run_in_process(["--help"], capsys)
     assert code == 0
     listed = listed_subcommands(out)
-    assert sorted(listed) == ["diagnose", "export", "fit", "test", "validate"], listed
+    assert sorted(listed) == ["diagnose", "export", "fit", "teach", "test", "validate"], listed
 
 
 def test_predict_is_not_offered(capsys):

@@ -107,7 +107,6 @@ class IndexedRows(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         """A whole batch's rows in one read, as `datasets` serves them to a DataLoader."""
-        return [
-            {**row, "index": index}
-            for row, index in zip(self.rows.__getitems__(indices), indices, strict=True)
-        ]
+        fetch = getattr(self.rows, "__getitems__", None)  # a plain list has none
+        rows = fetch(indices) if fetch is not None else [self.rows[index] for index in indices]
+        return [{**row, "index": index} for row, index in zip(rows, indices, strict=True)]
