@@ -22,10 +22,10 @@ from distillens.console import (
 )
 
 COMMAND_NAMES = ("export", "diagnose")
-TEACH = ("teach", ["--model.teacher_targets.build_only", "true"])
-"""`distillens teach ...` is `distillens fit ...` that builds the teacher cache and stops before the first step."""
 """The commands beside LightningCLI's (the keys of distillens.commands.COMMANDS, named here so that choosing one
 imports nothing)."""
+TEACH = ("teach", ["--model.teacher_targets.build_only", "true"])
+"""`distillens teach ...` is `distillens fit ...` that builds the teacher cache and stops before the first step."""
 
 
 def main(args: list[str] | None = None) -> None:

@@ -246,6 +246,16 @@ def lens_loss(
     )
 
 
+def cast_for_chunks(lens: LogitLens, params: Sequence[Tensor]) -> tuple[Tensor | None, list[Tensor]]:
+    """The lens's unembedding cast once for all chunks (``LogitLens.cast_unembedding``; None when no cast is
+    needed) and the tensors the chunks differentiate: ``params`` with that copy in the place of its weight."""
+    weight = lens.cast_unembedding()  # (V, d) or None
+    if weight is None:
+        return None, list(params)
+    own = lens.unembedding.weight  # a plain nn.Linear: its cast weight stands in for it
+    return weight, [weight if p is own else p for p in params]
+
+
 class _ChunkPlan:
     """What every chunk of the lens loss needs: the two lenses, the divergence and its parameters, the row weight,
     whether its closed-form kernels run compiled, and the tensors the chunks differentiate.
@@ -273,11 +283,7 @@ class _ChunkPlan:
         self.closed_form, self.fused = fused_kernels.has_kernel(divergence), fused
         self.params, self.chunk_size, self.row_weight = params, chunk_size, row_weight
         self.teacher_weight = teacher_lens.cast_unembedding()  # (V, d_t) or None
-        self.student_weight = student_lens.cast_unembedding()  # (V, d_s) or None
-        self.differentiated = list(student_params)
-        if self.student_weight is not None:  # a plain nn.Linear: its weight stands in for itself
-            own = student_lens.unembedding.weight
-            self.differentiated = [self.student_weight if p is own else p for p in student_params]
+        self.student_weight, self.differentiated = cast_for_chunks(student_lens, student_params)
 
     def values(self, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
         """Per-row divergences of one chunk, no gradient: (n, d_s), (n, d_t) -> (n,)."""

@@ -306,7 +306,7 @@ class DistillationModule(L.LightningModule):
 
     def _with_cached_targets(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
         """The micro-batch with its cached teacher targets when this fit reads a teacher cache."""
-        if self.teacher_cache is None or (split == "validation" and self.trainer.state.fn != "fit"):
+        if self.teacher_cache is None:
             return batch
         return {**batch, TEACHER_TARGETS: self.teacher_cache.targets(batch, split)}
 

@@ -266,12 +266,9 @@ class Objective:
         self.teacher_lens = LogitLens(teacher, apply_final_norm=config.lens_final_norm)
         self.student_head = LogitLens(student)  # the real output head, for the final-layer term
         self.teacher_head = LogitLens(teacher)
-        # resolved whatever the weights: a teacher cache stores every configured pair, for every method of a study
-        self.configured_pairs = pairs.resolve(
-            self.student_lens.num_layers, self.teacher_lens.num_layers, copied_from
-        )
+        self.pairs, self.copied_from = pairs, copied_from
         if config.lens_weight or config.mse_weight:
-            self.student_layers, self.teacher_layers = (list(layers) for layers in self.configured_pairs)
+            self.student_layers, self.teacher_layers = self.configured_pairs()
         pairs_per_step, count = config.lens_pairs_per_step, len(self.student_layers)
         if config.lens_weight and pairs_per_step is not None and pairs_per_step > count:
             log.warning(
@@ -281,6 +278,13 @@ class Objective:
         if config.mse_weight and not len(self.projections):
             d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
             self.projections.extend(nn.Linear(d_t, d_s, bias=False) for _ in self.student_layers)
+
+    def configured_pairs(self) -> tuple[list[int], list[int]]:
+        """The layer pairs as configured, resolved whatever the weights: a teacher cache stores them all, so that
+        every method of a study (KD without a lens term included) reads one cache."""
+        return self.pairs.resolve(
+            self.student_lens.num_layers, self.teacher_lens.num_layers, self.copied_from
+        )
 
     @property
     def samples_lens(self) -> bool:
@@ -336,13 +340,12 @@ class Objective:
 
     def _teacher_terms(self, terms: Terms, s_hidden: dict, teacher: dict, mask: Tensor, training: bool,
                        draw_seed: int) -> Terms:  # fmt: skip
-        """The final-layer and lens terms against the teacher: its hidden states (live or cached), or cached top-k
-        targets ("final" and "lens<j>" -> ``TopK``)."""
+        """The final-layer and lens terms against the teacher: its hidden states (live or cached: index -> (B, T-1,
+        d_t)), or cached top-k targets ("final" for the output, the index for a lens layer -> ``TopK``)."""
         student_depth = self.student_lens.num_layers
         if self.config.kd_weight or not training:
-            terms.sums["kd"] = self.final_layer_sum(
-                s_hidden[student_depth], teacher.get("final", teacher.get(self.teacher_lens.num_layers)), mask
-            )
+            last = teacher["final"] if "final" in teacher else teacher[self.teacher_lens.num_layers]
+            terms.sums["kd"] = self.final_layer_sum(s_hidden[student_depth], last, mask)
         if self.student_layers and (self.config.lens_weight or not training):
             draw = self.lens_draw(mask, training, draw_seed)
             terms.sums["lens"], terms.pair_means = self.lens_sum(s_hidden, teacher, draw, mask)
@@ -388,22 +391,22 @@ class Objective:
         """The lens term's token sum over the drawn pairs and tokens, and each pair's mean when all are drawn.
 
         ``s_hidden`` / ``t_hidden``: hidden-state index -> (B, T, d), aligned with ``draw.mask``; or ``t_hidden``
-        cached top-k targets ("lens<j>" -> ``TopK`` at the positions of ``mask``, the batch's supervised tokens).
+        index -> cached top-k targets (``TopK`` at the positions of ``mask``, the batch's supervised tokens).
         """
         config = self.config
         s_layers = [self.student_layers[p] for p in draw.pairs]
         t_layers = [self.teacher_layers[p] for p in draw.pairs]
-        student = [s_hidden[i] for i in s_layers]
-        if f"lens{t_layers[0]}" in t_hidden:
+        student, teacher = [s_hidden[i] for i in s_layers], [t_hidden[j] for j in t_layers]
+        if isinstance(teacher[0], TopK):
             drawn = draw.mask[mask.bool()]  # (N,): which supervised positions the draw kept
             lens, per_pair = topk_divergence(
-                student, [t_hidden[f"lens{j}"].rows(drawn) for j in t_layers], self.student_lens, draw.mask,
+                student, [target.rows(drawn) for target in teacher], self.student_lens, draw.mask,
                 config.lens_divergence, chunk_size=config.chunk_size, reduction="sum",
                 temperature=config.temperature, **config.lens_params,
             )  # fmt: skip
         else:
             lens, per_pair = LENS_IMPLEMENTATIONS[config.lens_impl](
-                student, [t_hidden[j] for j in t_layers], self.student_lens, self.teacher_lens, draw.mask,
+                student, teacher, self.student_lens, self.teacher_lens, draw.mask,
                 config.lens_divergence, chunk_size=config.chunk_size, reduction="sum", fused=config.fused,
                 temperature=config.temperature, **config.lens_params,
             )  # fmt: skip

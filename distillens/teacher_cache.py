@@ -106,8 +106,9 @@ class CachedTargets:
 
     hidden: dict[int, Tensor] = field(default_factory=dict)
     """hidden: teacher hidden-state index -> (B, T-1, d_t), aligned with the batch's shifted mask (0 elsewhere)."""
-    topk: dict[str, TopK] = field(default_factory=dict)
-    """topk: "final" or "lens<j>" -> the top-k targets at the supervised positions, in row-major order."""
+    topk: dict[str | int, TopK] = field(default_factory=dict)
+    """topk: "final" (the output) or a lens layer's index -> the top-k targets at the supervised positions, in
+    row-major order."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ class TeacherView:
     def of(cls, objective: Any) -> TeacherView:
         """The teacher an ``objective.Objective`` reads, with its lenses and every configured layer pair (also
         when this objective has no lens term: the methods of a study share one cache)."""
-        lens, layers = objective.teacher_lens, objective.configured_pairs[1]
+        lens, layers = objective.teacher_lens, objective.configured_pairs()[1]
         return cls(objective.teacher, lens, objective.teacher_head, list(layers), lens.num_layers)
 
     @property
@@ -392,9 +393,10 @@ class TeacherCache:
                 hidden[j] = value.new_zeros((*mask.shape, value.shape[-1]))  # (B, T-1, d_t)
                 hidden[j][mask] = value
             return CachedTargets(hidden=hidden)
-        names = ["final", *(f"lens{j}" for j in self.layers)]
+        names = {"final": "final", **{j: f"lens{j}" for j in self.layers}}  # key -> name in the shards
         return CachedTargets(topk={
-            name: TopK(rows(f"{name}.logprobs"), rows(f"{name}.ids").long(), rows(f"{name}.tail")) for name in names
+            key: TopK(rows(f"{name}.logprobs"), rows(f"{name}.ids").long(), rows(f"{name}.tail"))
+            for key, name in names.items()
         })  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distillens.lens import LogitLens, chunked_divergence
+from distillens.lens import LogitLens, cast_for_chunks, chunked_divergence
 from distillens.losses import get_token_divergence
 
 
@@ -138,15 +138,9 @@ class _TopKPlan:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.lens, self.targets, self.token_fn = lens, targets, get_token_divergence(divergence)
-        self.params, self.chunk_size, self.row_weight, self.temperature = (
-            params,
-            chunk_size,
-            row_weight,
-            temperature,
-        )
-        self.weight = lens.cast_unembedding()  # (V, d_s) or None
-        own = lens.unembedding.weight if self.weight is not None else None
-        self.differentiated = [self.weight if p is own else p for p in student_params]
+        self.params, self.chunk_size, self.row_weight = params, chunk_size, row_weight
+        self.temperature = temperature
+        self.weight, self.differentiated = cast_for_chunks(lens, student_params)
 
     def values(self, student_rows: Tensor, rows: Tensor) -> Tensor:
         """Per-row divergences of one chunk, no gradient: (n, d_s) and the chunk's target rows (n,) -> (n,)."""
