@@ -322,7 +322,9 @@ class InitialValidation(L.Callback):
         # in the run's precision (bf16-mixed: autocast), as Lightning runs the later validations
         with eval_mode(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
             for batch in batches:
-                terms = pl_module(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
+                terms = pl_module.evaluation_terms(
+                    pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                )
                 for name, value in terms.token_sums().items():
                     sums[name] = sums.get(name, 0.0) + float(value)
         metrics = {f"val/{name}": value for name, value in token_means(sums).items()} if sums else {}

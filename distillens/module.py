@@ -310,9 +310,13 @@ class DistillationModule(L.LightningModule):
             return batch
         return {**batch, TEACHER_TARGETS: self.teacher_cache.targets(batch, split)}
 
+    def evaluation_terms(self, batch: dict[str, Tensor]) -> Terms:
+        """The objective's terms on a validation batch, read from the teacher cache when this fit has one: the
+        validation step's path, and InitialValidation's (whose step-0 point must match the later ones)."""
+        return self(self._with_cached_targets(batch, "validation"))
+
     def _accumulate_eval(self, batch: dict[str, Tensor]) -> None:
-        batch = self._with_cached_targets(batch, "validation")
-        for name, value in self(batch).token_sums().items():
+        for name, value in self.evaluation_terms(batch).token_sums().items():
             key = name.replace("/", "__")  # ModuleDict keys cannot hold "/" or "."
             if key not in self.val_sums:
                 self.val_sums[key] = SumMetric().to(self.device)

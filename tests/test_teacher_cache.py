@@ -253,10 +253,17 @@ def curves(folder: Path) -> dict[str, dict[int, float]]:
 
 
 def test_a_tiny_fit_on_hidden_targets_logs_the_live_curves(tmp_path):
-    fit(tmp_path / "live", tmp_path / "cache")
-    cli = fit(tmp_path / "hidden", tmp_path / "cache", "--model.teacher_targets.kind", "hidden")
+    """With the default's callbacks that run the module outside a step: the step-0 validation (read from the
+    cache too) and the lens diagnostics (which need every teacher block, so they skip a stripped teacher)."""
+    callbacks = [
+        f"--trainer.callbacks+=distillens.callbacks.{name}"
+        for name in ("InitialValidation", "LensDiagnostics")
+    ]
+    fit(tmp_path / "live", tmp_path / "cache", *callbacks)
+    cli = fit(tmp_path / "hidden", tmp_path / "cache", *callbacks, "--model.teacher_targets.kind", "hidden")
     live, hidden = curves(tmp_path / "live"), curves(tmp_path / "hidden")
     assert sorted(live) == sorted(hidden) == ["train/loss", "val/lens", "val/loss"]
+    assert 0 in hidden["val/loss"]  # InitialValidation's point
     for name, values in live.items():
         assert sorted(hidden[name]) == sorted(values)
         for step, value in values.items():
