@@ -402,13 +402,19 @@ def check_sequence_lengths(module: DistillationModule) -> None:
 
 
 def build_teacher(module: DistillationModule) -> PreTrainedModel | None:
-    """The teacher, whole; or only its structure when complete top-k targets replace it and no student block
-    is copied from it."""
+    """The teacher, whole; or only its structure when complete top-k targets replace it, no student block is
+    copied from it and no FSDP strategy shards it."""
     if module.teacher_spec is None:
         return None
     location, targets = module._cache_location, module.teacher_targets
     copies_blocks = module.student_spec.init_from_teacher_layers is not None
-    if location is not None and targets.kind == "topk" and is_complete(location.folder) and not copies_blocks:
+    sharded = module.device_mesh is not None  # FSDP shards a whole teacher
+    if (
+        location is not None
+        and targets.kind == "topk"
+        and is_complete(location.folder)
+        and not (copies_blocks or sharded)
+    ):
         return teacher_skeleton(module.teacher_spec)
     return load_model(module.teacher_spec)
 

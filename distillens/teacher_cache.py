@@ -16,7 +16,9 @@ tokenised splits, the layer pairs, the precision, the kind, k, temperature and l
 reads another folder and never a stale one. It holds ``key.json`` (written first), safetensors shards of
 ``shard_rows`` examples (each written to a temporary name and renamed, memory-mapped when read) and ``manifest.json``
 (written last, after every shard): a build killed part-way leaves no manifest, is never read, and resumes at the
-first missing shard. Under DDP each rank builds every world-size-th shard and rank 0 writes the manifest.
+first missing shard. Under DDP and FSDP each rank builds every world-size-th shard and rank 0 writes the manifest;
+an FSDP-sharded teacher keeps its shards (they are FSDP's to free), so there the cache saves its compute, not its
+memory.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from distillens.data.collate import EXAMPLE_INDEX, IndexedRows, TrainingCollator
 from distillens.lens import LogitLens
 from distillens.losses import IGNORE_INDEX
-from distillens.sharding import is_sharded
+from distillens.sharding import gathered, is_sharded
 from distillens.topk import TopK, top_k_of
 
 log = logging.getLogger(__name__)
@@ -204,28 +206,30 @@ def build(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
+    most_over_ranks: Callable[[int], int] = lambda count: count,
     key: dict[str, Any] | None = None,
 ) -> None:
     """Run the teacher over ``splits`` (name -> tokenised rows) once and write the cache into ``folder``.
 
     Every rank builds the shards ``rank, rank + world_size, ...`` of each split, skipping shards already written by
-    an interrupted build of the same key; then rank 0 writes the manifest. All ranks must call it.
+    an interrupted build of the same key; then rank 0 writes the manifest. All ranks must call it. A sharded (FSDP)
+    teacher's forward is a collective, so there every rank runs as many forwards as the busiest one
+    (``most_over_ranks``: the maximum of a count over ranks), the spare ones on a row already done, discarded.
     """
     folder.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not (folder / "key.json").is_file():
         _write_atomically(folder / "key.json", json.dumps(key or {}, default=str, indent=1))
     start = time.perf_counter()
-    for split, rows in splits.items():
-        size = targets.shard_rows
-        shards = range(rank, -(-len(rows) // size), world_size)
-        for shard in _progress(shards, f"teacher cache: {split}", rank):
-            path = shard_path(folder, split, shard)
-            if path.is_file():
-                continue  # written by an interrupted build of the same key
-            indices = range(shard * size, min((shard + 1) * size, len(rows)))
-            tensors = _shard_tensors(targets, view, rows, indices, collator, batch_size, device,
-                                     forward_context, temperature)  # fmt: skip
-            _save_atomically(tensors, path)
+    work = _missing_shards(folder, splits, targets.shard_rows, rank, world_size)
+    forwards = sum(-(-len(indices) // batch_size) for _, _, indices in work)
+    spare = most_over_ranks(forwards) - forwards if is_sharded(view.model) else 0
+    run = dict(view=view, device=device, forward_context=forward_context, temperature=temperature)
+    for split, shard, indices in _progress(work, "teacher cache", rank):
+        tensors = _shard_tensors(targets, splits[split], indices, collator, batch_size, **run)
+        _save_atomically(tensors, shard_path(folder, split, shard))
+    first = next(iter(splits.values()))
+    for _ in range(spare):  # keep step with the ranks that still have shards to build
+        _shard_tensors(targets, first, range(1), collator, batch_size, **run)
     barrier()
     if rank == 0:
         manifest = _manifest(folder, splits, targets, time.perf_counter() - start)
@@ -234,7 +238,21 @@ def build(
     barrier()
 
 
-def _shard_tensors(targets, view, rows, indices, collator, batch_size, device, forward_context, temperature):
+def _missing_shards(
+    folder: Path, splits: dict[str, Any], size: int, rank: int, world_size: int
+) -> list[tuple[str, int, range]]:
+    """(split, shard, example indices) of this rank's shards not yet on disk (an interrupted build wrote the rest)."""
+    work = []
+    for split, rows in splits.items():
+        for shard in range(rank, -(-len(rows) // size), world_size):
+            if not shard_path(folder, split, shard).is_file():
+                work.append((split, shard, range(shard * size, min((shard + 1) * size, len(rows)))))
+    return work
+
+
+def _shard_tensors(
+    targets, rows, indices, collator, batch_size, *, view, device, forward_context, temperature
+):
     """Every tensor of one shard: ``<example index>.<name>`` -> that example's supervised positions' targets."""
     tensors: dict[str, Tensor] = {}
     dataset = IndexedRows(rows)
@@ -252,18 +270,20 @@ def _batch_targets(targets, view, batch, device, forward_context, temperature) -
     with torch.no_grad(), forward_context(), view.lens.capture(view.captured) as hidden:
         view.model(**inputs, use_cache=False, logits_to_keep=1)
     hidden = {j: h[:, :-1] for j, h in hidden.items()}  # (B, T-1, d_t): position t predicts token t+1
-    for row, index in enumerate(batch[EXAMPLE_INDEX].tolist()):
-        kept = {j: h[row][mask[row]] for j, h in hidden.items()}  # (n, d_t) each
-        if targets.kind == "hidden":
-            yield index, {f"h{j}": value for j, value in kept.items()}
-            continue
-        with torch.no_grad(), forward_context():
+    rows = [(index, {j: h[row][mask[row]] for j, h in hidden.items()})  # (n, d_t) each
+            for row, index in enumerate(batch[EXAMPLE_INDEX].tolist())]  # fmt: skip
+    if targets.kind == "hidden":
+        yield from ((index, {f"h{j}": value for j, value in kept.items()}) for index, kept in rows)
+        return
+    # the full final norm and unembedding (a sharded teacher's root gathered, on every rank alike)
+    with torch.no_grad(), forward_context(), gathered(view.model):
+        for index, kept in rows:
             named = {"final": top_k_of(view.head.logits(kept[view.depth]), targets.k, temperature)}
             named |= {
                 f"lens{j}": top_k_of(view.lens.logits(kept[j]), targets.k, temperature) for j in view.layers
             }
-        yield index, {f"{name}.{part}": getattr(top, part) if part != "ids" else top.ids.int()
-                      for name, top in named.items() for part in ("logprobs", "ids", "tail")}  # fmt: skip
+            yield index, {f"{name}.{part}": getattr(top, part) if part != "ids" else top.ids.int()
+                          for name, top in named.items() for part in ("logprobs", "ids", "tail")}  # fmt: skip
 
 
 def _manifest(
@@ -302,7 +322,7 @@ def describe(manifest: dict[str, Any], folder: Path) -> str:
     )
 
 
-def _progress(items: range, description: str, rank: int) -> Iterable[int]:
+def _progress(items: list, description: str, rank: int) -> Iterable:
     """A progress bar on rank 0 (the build can take as long as an epoch)."""
     if rank != 0 or len(items) < 2:
         return items
@@ -327,11 +347,6 @@ def prepare(location: CacheLocation, targets: TeacherTargets, view: TeacherView,
     """A fit's cache, built first when it is missing (every rank its share), once the teacher is on its device;
     then the teacher's blocks (hidden) or the whole teacher (topk) are freed. ``module``: the LightningModule."""
     trainer, data = module.trainer, module.trainer.datamodule
-    if is_sharded(view.model):
-        raise ValueError(
-            f"model.teacher_targets.kind={targets.kind} is not supported with a sharded (FSDP) teacher yet: use "
-            "the ddp strategy, or kind live"
-        )
     if not is_complete(location.folder):
         if is_stripped(view.model):
             raise RuntimeError(
@@ -343,11 +358,20 @@ def prepare(location: CacheLocation, targets: TeacherTargets, view: TeacherView,
             device=module.device, forward_context=trainer.precision_plugin.forward_context,
             temperature=module.loss_config.temperature, rank=trainer.global_rank, world_size=trainer.world_size,
             barrier=trainer.strategy.barrier, key=location.key,
+            most_over_ranks=lambda count: _most_over_ranks(trainer.strategy, count, module.device),
         )  # fmt: skip
-    strip_blocks(view.lens.blocks if targets.kind == "hidden" else [view.model])
+    if not is_sharded(
+        view.model
+    ):  # FSDP's units own a sharded teacher's weights: its shards stay, 1/W a rank
+        strip_blocks(view.lens.blocks if targets.kind == "hidden" else [view.model])
     if targets.build_only:
         trainer.should_stop = True  # the fit loop ends before its first step
     return TeacherCache(location.folder, targets.kind, module.objective.teacher_layers, view.depth)
+
+
+def _most_over_ranks(strategy: Any, count: int, device: torch.device) -> int:
+    """The largest ``count`` of any rank (a collective: every rank calls it)."""
+    return int(strategy.reduce(torch.tensor(count, device=device), reduce_op="max"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

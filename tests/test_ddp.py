@@ -39,6 +39,7 @@ from reference import (
     train_reference,
     warmup_cosine_lr,
 )
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
@@ -229,6 +230,56 @@ def test_ddp_with_accumulation_on_cached_hidden_targets_equals_plain_pytorch(tmp
         assert difference < 1e-3, (
             f"weights after step {step} off the reference by {difference:.3g} of the update"
         )
+
+
+def fsdp_args(folder: Path, cache_dir: Path, kind: str, *extra: str) -> list[str]:
+    """The DDP run's arguments under configs/trainer/fsdp.yaml (teacher and student sharded), its teacher targets
+    cached in shards of 4 rows: 5 shards a split, so one rank builds three and the other two and a spare forward."""
+    fsdp = ("--config", str(REPO / "configs" / "trainer" / "fsdp.yaml"), "--trainer.devices", str(WORLD))
+    targets = ("--model.teacher_targets.kind", kind, "--model.teacher_targets.shard_rows", "4")
+    return ddp_args(folder, cache_dir, *fsdp, *targets, *extra)
+
+
+def test_fsdp_on_cached_hidden_targets_gives_the_ddp_live_curve(ddp_run, tmp_path):
+    """A sharded teacher's forward is a collective, so both ranks must run as many: the build finishes, and the
+    loss curve equals the DDP run's with the live teacher (the same batches, the same gradient averaging)."""
+    finished = run_process_group(fsdp_args(tmp_path, tmp_path / "cache", "hidden"), tmp_path / "output.log")
+    assert finished.status == 0, (tmp_path / "output.log").read_text()[-4000:]
+    assert not survivors(finished)
+    (cache,) = (tmp_path / "cache" / "teacher").glob("hidden-*")
+    assert len(list(cache.glob("train-*.safetensors"))) == 5 and (cache / "manifest.json").is_file()
+    live, cached = train_losses(ddp_run[0] / "tiny"), train_losses(tmp_path / "tiny")
+    assert sorted(cached) == sorted(live) == list(range(MAX_STEPS))
+    for step, loss in live.items():
+        assert cached[step] == pytest.approx(loss, rel=1e-5), f"train/loss at step {step}"
+
+
+def test_fsdp_builds_the_single_process_topk_cache(tmp_path):
+    """`distillens teach` with top-k targets on two FSDP ranks (spare forwards included) writes the tensors one
+    process writes."""
+    k = ("--model.teacher_targets.k", "8")
+    for run in ("fsdp", "single"):
+        (tmp_path / run).mkdir()
+    fsdp = fsdp_args(
+        tmp_path / "fsdp", tmp_path / "fsdp-cache", "topk", *k, "--model.teacher_targets.build_only", "true"
+    )
+    finished = run_process_group(fsdp, tmp_path / "output.log")
+    assert finished.status == 0, (tmp_path / "output.log").read_text()[-4000:]
+    single = ddp_args(tmp_path / "single", tmp_path / "single-cache", "--trainer.devices", "1", "--trainer.strategy", "auto",
+                      "--model.teacher_targets.kind", "topk", "--model.teacher_targets.shard_rows", "4", *k,
+                      "--model.teacher_targets.build_only", "true")  # fmt: skip
+    assert run_process_group(single, tmp_path / "single.log").status == 0, (
+        tmp_path / "single.log"
+    ).read_text()[-4000:]
+    (sharded,) = (tmp_path / "fsdp-cache" / "teacher").glob("topk-*")
+    (one,) = (tmp_path / "single-cache" / "teacher").glob("topk-*")
+    shards = sorted(path.name for path in one.glob("*.safetensors"))
+    assert len(shards) == 10 and sorted(path.name for path in sharded.glob("*.safetensors")) == shards
+    for name in shards:
+        expected, actual = load_file(one / name), load_file(sharded / name)
+        assert sorted(actual) == sorted(expected), name
+        for key, value in expected.items():
+            torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-5, msg=f"{name}: {key}")
 
 
 def test_ddp_fit_leaves_no_process_behind(ddp_run):

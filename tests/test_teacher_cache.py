@@ -341,18 +341,6 @@ def test_targets_that_cannot_work_are_one_line(settings, message):
         TeacherTargets(kind=kind, k=k).check(**arguments)
 
 
-def test_a_sharded_teacher_is_refused_before_any_build(tiny_module, tmp_path, monkeypatch):
-    from distillens.teacher_cache import CacheLocation, prepare
-
-    module = tiny_module(layers=LayerPairs(student=[1], teacher=[2]), vocab=VOCAB)
-    monkeypatch.setattr("distillens.teacher_cache.is_sharded", lambda model: True)
-    trainer = SimpleNamespace(datamodule=None)
-    with pytest.raises(ValueError, match="not supported with a sharded"):
-        prepare(CacheLocation(tmp_path, {}), TeacherTargets(kind="hidden"), TeacherView.of(module.objective),
-                SimpleNamespace(trainer=trainer))  # fmt: skip
-    assert not list(tmp_path.iterdir())
-
-
 @pytest.mark.parametrize("peaked", [False, True], ids=["spread", "student-mass-in-the-top-k"])
 @pytest.mark.parametrize("divergence", sorted(REGISTRY))
 def test_the_written_out_bucket_gradient_is_autograds(divergence, peaked):
