@@ -113,6 +113,47 @@ def test_hidden_targets_give_the_live_loss_and_gradients(tiny_module, tmp_path):
     assert "projections.0.weight" in live[1]  # the MSE baseline's gradient is among those compared
 
 
+def relative_differences(actual, expected) -> list[float]:
+    """The loss's relative difference, then each gradient's (norm of the difference over the expected norm)."""
+    (loss, grads), (loss_expected, grads_expected) = actual, expected
+    return [float((loss - loss_expected).abs() / loss_expected.abs())] + [
+        float((grads[name] - grads_expected[name]).norm() / grads_expected[name].norm())
+        for name in grads_expected
+    ]
+
+
+def test_bf16_hidden_targets_stay_within_the_live_bf16_bound_of_fp32(tiny_module, tmp_path):
+    """Built and trained under bf16 autocast, the cached run is as close to fp32 as the live bf16 run must be
+    (test_bf16: loss within 3e-2, every gradient within 5e-2), and no farther from the live bf16 run than that
+    run is from fp32: the cache adds no error of its own beyond bf16's rounding."""
+    module = tiny_module(
+        loss=LossConfig(ce_weight=0.5), layers=LayerPairs(student=[1, 2], teacher=[2, 4]), vocab=VOCAB
+    )
+    rows, bf16 = example_rows(), lambda: torch.autocast("cpu", torch.bfloat16)
+    targets, view = TeacherTargets(kind="hidden", shard_rows=3), TeacherView.of(module.objective)
+    build(
+        tmp_path,
+        targets,
+        view,
+        {"train": rows},
+        TrainingCollator(0),
+        3,
+        device=torch.device("cpu"),
+        forward_context=bf16,
+    )
+    cache = TeacherCache(tmp_path, "hidden", view.layers, view.depth)
+    batch = batch_of(rows, TRAINED)
+    exact = loss_and_grads(module, batch)
+    with bf16():
+        live = loss_and_grads(module, batch)
+        strip_blocks(module.objective.teacher_lens.blocks)
+        cached = loss_and_grads(module, {**batch, TEACHER_TARGETS: cache.targets(batch, "train")})
+    live_error, cached_error = relative_differences(live, exact), relative_differences(cached, exact)
+    assert max(live_error) > 1e-4, "autocast was inert"
+    assert cached_error[0] <= 3e-2 and max(cached_error[1:]) <= 5e-2, cached_error
+    assert max(relative_differences(cached, live)) <= max(live_error), (cached_error, live_error)
+
+
 @pytest.mark.parametrize("divergence", sorted(REGISTRY))
 def test_topk_targets_with_the_whole_vocabulary_are_exact(divergence, tiny_module, tmp_path):
     loss = LossConfig(kd_divergence=divergence, lens_divergence=divergence, temperature=1.5, fused=False)
