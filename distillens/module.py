@@ -403,18 +403,13 @@ def check_sequence_lengths(module: DistillationModule) -> None:
 
 def build_teacher(module: DistillationModule) -> PreTrainedModel | None:
     """The teacher, whole; or only its structure when complete top-k targets replace it, no student block is
-    copied from it and no FSDP strategy shards it."""
+    copied from it, it is not kept (keep_teacher) and no FSDP strategy shards it."""
     if module.teacher_spec is None:
         return None
     location, targets = module._cache_location, module.teacher_targets
     copies_blocks = module.student_spec.init_from_teacher_layers is not None
-    sharded = module.device_mesh is not None  # FSDP shards a whole teacher
-    if (
-        location is not None
-        and targets.kind == "topk"
-        and is_complete(location.folder)
-        and not (copies_blocks or sharded)
-    ):
+    whole = copies_blocks or targets.keep_teacher or module.device_mesh is not None  # FSDP shards a whole one
+    if location is not None and targets.kind == "topk" and is_complete(location.folder) and not whole:
         return teacher_skeleton(module.teacher_spec)
     return load_model(module.teacher_spec)
 

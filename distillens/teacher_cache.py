@@ -59,8 +59,9 @@ class TeacherTargets:
 
     kind: str = "live"
     """live: the teacher runs in every step. hidden: its hidden states at the paired layers and the last one are
-    computed once and cached (exact; per supervised token (pairs + 1) x hidden size x 2 or 4 bytes, e.g. 6.9 kB
-    for the default in bf16); only its final norm and unembedding stay in memory. topk: the top k log-probabilities
+    computed once and cached (exact; per supervised token (pairs + 1) x hidden size x 2 or 4 bytes, e.g. 13.8 kB
+    for the default: bf16-mixed keeps the residual stream in fp32); only its final norm and unembedding stay in
+    memory (unless keep_teacher). topk: the top k log-probabilities
     and ids at the final layer and each paired layer (approximate; (pairs + 1) x (8 k + 4) bytes per supervised
     token); the teacher is not kept. Cached kinds apply to fit (its training and validation steps); validate and
     test run the live teacher. They do not combine with on-policy training (its answers are new sequences)."""
@@ -72,6 +73,9 @@ class TeacherTargets:
     """Examples per shard file (each rank of a build writes every world-size-th shard)."""
     build_only: bool = False
     """Build the cache and stop before the first step, exporting nothing (what `distillens teach` sets)."""
+    keep_teacher: bool = False
+    """Keep the teacher's weights after the build: the steps still read the cache (its compute is saved, not its
+    memory), and callbacks that run the whole teacher (LensDiagnostics, every depth) still can."""
 
     @property
     def cached(self) -> bool:
@@ -360,9 +364,8 @@ def prepare(location: CacheLocation, targets: TeacherTargets, view: TeacherView,
             barrier=trainer.strategy.barrier, key=location.key,
             most_over_ranks=lambda count: _most_over_ranks(trainer.strategy, count, module.device),
         )  # fmt: skip
-    if not is_sharded(
-        view.model
-    ):  # FSDP's units own a sharded teacher's weights: its shards stay, 1/W a rank
+    keep = is_sharded(view.model) or targets.keep_teacher  # FSDP's units own a sharded teacher's shards
+    if not keep:
         strip_blocks(view.lens.blocks if targets.kind == "hidden" else [view.model])
     if targets.build_only:
         trainer.should_stop = True  # the fit loop ends before its first step

@@ -187,8 +187,6 @@ def targets_args(preset: Preset, run: Run) -> list[str]:
     """The preset's teacher targets for a method that can read them (its objective reads the teacher and it trains
     on the references only: the base configs' and the overlay's model.loss and model.on_policy, merged), cached in
     the study's folder (``teacher-cache/``, beside ``runs/``)."""
-    if preset.teacher_targets == "live":
-        return []
     from distillens.objective import LossConfig
     from distillens.onpolicy import OnPolicyConfig
 
@@ -198,12 +196,23 @@ def targets_args(preset: Preset, run: Run) -> list[str]:
         for group in model:
             model[group].update(settings.get(group) or {})
     loss, on_policy = LossConfig(**model["loss"]), OnPolicyConfig(**model["on_policy"])
-    if not loss.reads_teacher or on_policy.enabled:
+    cached = model["teacher_targets"].get("kind", "live") != "live"  # the base config's or the overlay's
+    if not loss.reads_teacher or on_policy.enabled:  # nothing to cache, or new sequences
+        return ["--model.teacher_targets.kind", "live"] if cached else []
+    if preset.teacher_targets == "live":
         return []
     cache = ["--model.teacher_targets.cache_dir", str(run.folder.parents[2] / "teacher-cache")]
-    if model["teacher_targets"].get("kind", "live") != "live":
+    if _overlay_kind(preset, run) not in (None, "live"):
         return cache  # the method's own kind (e.g. top-k targets beside the exact ones)
     return ["--model.teacher_targets.kind", preset.teacher_targets, *cache]
+
+
+def _overlay_kind(preset: Preset, run: Run) -> str | None:
+    """The teacher-target kind a method's overlay chooses itself, if any."""
+    settings = (yaml.safe_load(preset.overlay(run.method).read_text(encoding="utf-8")) or {}).get(
+        "model"
+    ) or {}
+    return (settings.get("teacher_targets") or {}).get("kind")
 
 
 def generation_args(preset: Preset, run: Run, decoding: str = "sampled") -> list[str]:

@@ -244,13 +244,22 @@ def test_paper_setup_takes_each_trainer_overlay_without_changing_the_model(name:
 @pytest.mark.parametrize("path", sorted(ON_POLICY_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_on_policy_overlay_changes_only_the_on_policy_options_and_run_name_of_its_setup(path: Path) -> None:
     """configs/onpolicy/<setup>.yaml goes on configs/<setup>.yaml: it turns on model.on_policy and names the run
-    apart, and leaves the setup's model, data and trainer otherwise as they are."""
+    apart (and runs the teacher live where the setup caches its targets: new sequences), and leaves the setup's
+    model, data and trainer otherwise as they are."""
     setup = flatten(setup_config(path.name))
     combined = flatten(printed_config("--config", str(CONFIG_DIR / path.name), "--config", str(path)))
     changed = {
         key for key in setup.keys() | combined.keys() if setup.get(key, "<absent>") != combined.get(key)
     }
-    assert {key.rsplit(".", 1)[0] for key in changed} <= {"model.on_policy", "trainer.logger.init_args"}
+    assert {key.rsplit(".", 1)[0] for key in changed} <= {
+        "model.on_policy",
+        "trainer.logger.init_args",
+        "model.teacher_targets",
+    }
+    assert {key for key in changed if key.startswith("model.teacher_targets")} <= {
+        "model.teacher_targets.kind"
+    }
+    assert combined.get("model.teacher_targets.kind") in (None, "live")
     assert combined["model.on_policy.student_fraction"] > 0
     assert combined["trainer.logger.init_args.name"] != setup["trainer.logger.init_args.name"]
 

@@ -346,7 +346,8 @@ def test_comparisons_are_the_proposed_method_against_each_other_then_the_extra_p
 
 def test_which_methods_of_a_study_read_the_teacher_cache():
     """cpu-evidence caches hidden states for the methods that read the teacher from the references; on-policy
-    and SFT runs keep the live teacher; the top-k method keeps its own kind; all caches in the study's folder."""
+    and SFT runs are told to keep the live teacher (the default they start from caches); the top-k method keeps
+    its own kind; all caches in the study's folder."""
     preset = replicate.Preset.load("cpu-evidence")
     out = Path("/tmp/unused")
     args = {
@@ -354,8 +355,11 @@ def test_which_methods_of_a_study_read_the_teacher_cache():
         for m in preset.methods
     }
     cache = ["--model.teacher_targets.cache_dir", str(out / "teacher-cache")]
-    hidden = ["--model.teacher_targets.kind", "hidden", *cache]
+    hidden, live = (
+        ["--model.teacher_targets.kind", "hidden", *cache],
+        ["--model.teacher_targets.kind", "live"],
+    )
     assert args == {
-        "distillens_fkl": hidden, "fkl": hidden, "distillens": hidden, "rkl": hidden, "kd": hidden, "sft": [],
-        "distillens_fkl_onpolicy": [], "distillens_fkl_topk64": cache,
+        "distillens_fkl": hidden, "fkl": hidden, "distillens": hidden, "rkl": hidden, "kd": hidden, "sft": live,
+        "distillens_fkl_onpolicy": live, "distillens_fkl_topk64": cache,
     }  # fmt: skip
