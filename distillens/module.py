@@ -127,9 +127,10 @@ class DistillationModule(L.LightningModule):
         self.on_policy = _as(OnPolicyConfig, on_policy or OnPolicyConfig())
         self.loss_config.check(has_teacher=self.teacher_spec is not None)
         self.on_policy.check(self.teacher_spec is not None, self.loss_config.reads_teacher)
-        self.teacher_targets = _as(TeacherTargets, teacher_targets or TeacherTargets())
         loss = self.loss_config
-        self.teacher_targets.check(loss.reads_teacher, self.on_policy.enabled, bool(loss.mse_weight))
+        self.teacher_targets = _as(TeacherTargets, teacher_targets or TeacherTargets()).resolved(
+            loss.reads_teacher, self.on_policy.enabled, bool(loss.mse_weight)
+        )
         # plain dicts and lists: checkpoints load with torch.load(weights_only=True), hparams.yaml with safe_load
         self.save_hyperparameters(
             json.loads(json.dumps({

@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,19 +81,16 @@ class TeacherTargets:
     def cached(self) -> bool:
         return self.kind != "live"
 
-    def check(self, reads_teacher: bool, on_policy: bool, mse: bool) -> None:
-        """One line for a choice that cannot work."""
+    def resolved(self, reads_teacher: bool, on_policy: bool, mse: bool) -> TeacherTargets:
+        """These targets, or live ones when no trained term reads the teacher (kd, lens and mse weights 0: an SFT
+        run, or the test of an exported student, on a config that caches): nothing to cache. One line for a choice
+        that cannot work."""
         if self.kind not in KINDS:
             raise ValueError(f"model.teacher_targets.kind={self.kind!r}: expected one of {', '.join(KINDS)}")
-        if not self.cached:
-            return
+        if not self.cached or not reads_teacher:
+            return replace(self, kind="live")
         if self.k < 1:
             raise ValueError(f"model.teacher_targets.k={self.k}: must be >= 1")
-        if not reads_teacher:
-            raise ValueError(
-                f"model.teacher_targets.kind={self.kind}: no trained term reads the teacher (kd, lens and mse "
-                "weights are 0), so there is nothing to cache; use kind live"
-            )
         if on_policy:
             raise ValueError(
                 f"model.teacher_targets.kind={self.kind} does not combine with on-policy training: the student's "
@@ -104,6 +101,7 @@ class TeacherTargets:
                 "model.teacher_targets.kind=topk holds no hidden states, which the MSE baseline needs "
                 "(model.loss.mse_weight > 0): use kind hidden"
             )
+        return self
 
 
 @dataclass

@@ -371,15 +371,23 @@ def test_the_cache_holds_the_documented_bytes_per_supervised_token(kind, per_lay
         ({"kind": "topk", "k": 0}, r"k=0: must be >= 1"),
         ({"kind": "hidden", "on_policy": True}, r"does not combine with on-policy training"),
         ({"kind": "topk", "mse": True}, r"holds no hidden states, which the MSE baseline needs"),
-        ({"kind": "hidden", "reads_teacher": False}, r"nothing to cache; use kind live"),
     ],
-    ids=["kind", "k", "on-policy", "topk-mse", "sft"],
+    ids=["kind", "k", "on-policy", "topk-mse"],
 )
 def test_targets_that_cannot_work_are_one_line(settings, message):
     kind, k = settings.pop("kind"), settings.pop("k", 64)
     arguments = {"reads_teacher": True, "on_policy": False, "mse": False} | settings
     with pytest.raises(ValueError, match=message):
-        TeacherTargets(kind=kind, k=k).check(**arguments)
+        TeacherTargets(kind=kind, k=k).resolved(**arguments)
+
+
+def test_targets_nothing_reads_are_live():
+    """An SFT run, or the test of an exported student, on a config that caches: nothing to cache, the teacher is
+    live (and absent), and a run that reads the teacher keeps its kind."""
+    assert (
+        TeacherTargets(kind="hidden").resolved(reads_teacher=False, on_policy=False, mse=False).kind == "live"
+    )
+    assert TeacherTargets(kind="topk").resolved(reads_teacher=True, on_policy=False, mse=False).kind == "topk"
 
 
 @pytest.mark.parametrize("peaked", [False, True], ids=["spread", "student-mass-in-the-top-k"])
