@@ -22,6 +22,7 @@ from unittest import mock
 import pytest
 import torch
 from helpers import REPO, scalars, tiny_fit_config, write_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distillens.cli import main
 from distillens.data.collate import TrainingCollator
@@ -321,6 +322,30 @@ def test_a_tiny_fit_on_hidden_targets_logs_the_live_curves(tmp_path):
     blocks = teacher.model.layers
     assert all(p.is_meta for p in blocks.parameters())  # the blocks were freed
     assert not teacher.lm_head.weight.is_meta and not teacher.model.norm.weight.is_meta  # the lens kept
+    assert lens_diagnostics(tmp_path / "hidden") == []  # skipped: no teacher to run
+
+
+def lens_diagnostics(folder: Path) -> list[str]:
+    """The lens_diag/ scalars a run logged."""
+    names = []
+    for path in sorted((folder / "tiny").glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        names += [tag for tag in events.Tags()["scalars"] if tag.startswith("lens_diag/")]
+    return names
+
+
+def test_a_kept_teacher_serves_the_lens_diagnostics_while_the_steps_read_the_cache(tmp_path):
+    """keep_teacher (the default's choice): the teacher's blocks stay, so LensDiagnostics runs it at every depth;
+    the steps still read the cache (the train curve is the live one)."""
+    diagnostics = "--trainer.callbacks+=distillens.callbacks.LensDiagnostics"
+    fit(tmp_path / "live", tmp_path / "cache", diagnostics)
+    cli = fit(tmp_path / "kept", tmp_path / "cache", diagnostics, "--model.teacher_targets.kind", "hidden",
+              "--model.teacher_targets.keep_teacher", "true")  # fmt: skip
+    assert cli.model.teacher_cache is not None and not is_stripped(cli.model.teacher)
+    assert lens_diagnostics(tmp_path / "kept") == lens_diagnostics(tmp_path / "live") != []
+    live, kept = curves(tmp_path / "live")["train/loss"], curves(tmp_path / "kept")["train/loss"]
+    assert kept == pytest.approx(live, rel=1e-5)
 
 
 def test_a_fit_on_complete_topk_targets_builds_no_teacher_block(tmp_path, monkeypatch):
