@@ -42,6 +42,9 @@ def test_initial_validation_uses_the_batches_later_validations_use(limit, used):
                 tokens=torch.tensor(2.0), sums={"kd": torch.tensor(1.0)}, pair_means={}, weights={"kd": 1}
             )
 
+        def evaluation_terms(self, batch):  # DistillationModule's validation path (no teacher cache here)
+            return self(batch)
+
         def transfer_batch_to_device(self, batch, device, index):
             return batch
 
@@ -71,6 +74,9 @@ def test_initial_validation_runs_in_the_trainers_precision(precision, autocast, 
             return Terms(
                 tokens=torch.tensor(2.0), sums={"kd": torch.tensor(1.0)}, pair_means={}, weights={"kd": 1}
             )
+
+        def evaluation_terms(self, batch):  # DistillationModule's validation path (no teacher cache here)
+            return self(batch)
 
         def transfer_batch_to_device(self, batch, device, index):
             return batch
