@@ -195,24 +195,16 @@ def targets_args(preset: Preset, run: Run) -> list[str]:
         settings = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
         for group in model:
             model[group].update(settings.get(group) or {})
+    own_kind = (settings.get("teacher_targets") or {}).get("kind")  # the overlay's (the last file read)
     loss, on_policy = LossConfig(**model["loss"]), OnPolicyConfig(**model["on_policy"])
-    cached = model["teacher_targets"].get("kind", "live") != "live"  # the base config's or the overlay's
-    if not loss.reads_teacher or on_policy.enabled:  # nothing to cache, or new sequences
-        return ["--model.teacher_targets.kind", "live"] if cached else []
-    if preset.teacher_targets == "live":
-        return []
+    if on_policy.enabled:  # new sequences: a config that caches is told to run the teacher live
+        return ["--model.teacher_targets.kind", "live"]
+    if not loss.reads_teacher or preset.teacher_targets == "live":
+        return []  # nothing to cache (the module then runs live whatever the kind), or the preset runs live
     cache = ["--model.teacher_targets.cache_dir", str(run.folder.parents[2] / "teacher-cache")]
-    if _overlay_kind(preset, run) not in (None, "live"):
+    if own_kind not in (None, "live"):
         return cache  # the method's own kind (e.g. top-k targets beside the exact ones)
     return ["--model.teacher_targets.kind", preset.teacher_targets, *cache]
-
-
-def _overlay_kind(preset: Preset, run: Run) -> str | None:
-    """The teacher-target kind a method's overlay chooses itself, if any."""
-    settings = (yaml.safe_load(preset.overlay(run.method).read_text(encoding="utf-8")) or {}).get(
-        "model"
-    ) or {}
-    return (settings.get("teacher_targets") or {}).get("kind")
 
 
 def generation_args(preset: Preset, run: Run, decoding: str = "sampled") -> list[str]:

@@ -346,8 +346,9 @@ def test_comparisons_are_the_proposed_method_against_each_other_then_the_extra_p
 
 def test_which_methods_of_a_study_read_the_teacher_cache():
     """cpu-evidence caches hidden states for the methods that read the teacher from the references; on-policy
-    and SFT runs are told to keep the live teacher (the default they start from caches); the top-k method keeps
-    its own kind; all caches in the study's folder."""
+    runs are told to keep the live teacher (the default they start from caches), SFT runs need no telling (a
+    module whose objective reads nothing of the teacher runs live); the top-k method keeps its own kind; all caches
+    in the study's folder."""
     preset = replicate.Preset.load("cpu-evidence")
     out = Path("/tmp/unused")
     args = {
@@ -360,6 +361,6 @@ def test_which_methods_of_a_study_read_the_teacher_cache():
         ["--model.teacher_targets.kind", "live"],
     )
     assert args == {
-        "distillens_fkl": hidden, "fkl": hidden, "distillens": hidden, "rkl": hidden, "kd": hidden, "sft": live,
+        "distillens_fkl": hidden, "fkl": hidden, "distillens": hidden, "rkl": hidden, "kd": hidden, "sft": [],
         "distillens_fkl_onpolicy": live, "distillens_fkl_topk64": cache,
     }  # fmt: skip
