@@ -65,11 +65,14 @@ def batch_of(rows: list[dict], indices: list[int]) -> dict:
     return TrainingCollator(0, pad_to_multiple_of=8)([{**rows[i], "index": i} for i in indices])
 
 
-def build_cache(module, folder: Path, rows: list[dict], kind: str, k: int = 64) -> TeacherCache:
-    """The teacher's targets over ``rows`` (the train split), built in order, three rows to a batch and a shard."""
+def build_cache(
+    module, folder: Path, rows: list[dict], kind: str, k: int = 64, forward_context=contextlib.nullcontext
+) -> TeacherCache:
+    """The teacher's targets over ``rows`` (the train split), built in order, three rows to a batch and a shard,
+    under ``forward_context`` (e.g. bf16 autocast)."""
     targets, view = TeacherTargets(kind=kind, k=k, shard_rows=3), TeacherView.of(module.objective)
     build(folder, targets, view, {"train": rows}, TrainingCollator(0), 3, device=torch.device("cpu"),
-          forward_context=contextlib.nullcontext, temperature=module.loss_config.temperature)  # fmt: skip
+          forward_context=forward_context, temperature=module.loss_config.temperature)  # fmt: skip
     return TeacherCache(folder, kind, view.layers, view.depth)
 
 
@@ -131,18 +134,7 @@ def test_bf16_hidden_targets_stay_within_the_live_bf16_bound_of_fp32(tiny_module
         loss=LossConfig(ce_weight=0.5), layers=LayerPairs(student=[1, 2], teacher=[2, 4]), vocab=VOCAB
     )
     rows, bf16 = example_rows(), lambda: torch.autocast("cpu", torch.bfloat16)
-    targets, view = TeacherTargets(kind="hidden", shard_rows=3), TeacherView.of(module.objective)
-    build(
-        tmp_path,
-        targets,
-        view,
-        {"train": rows},
-        TrainingCollator(0),
-        3,
-        device=torch.device("cpu"),
-        forward_context=bf16,
-    )
-    cache = TeacherCache(tmp_path, "hidden", view.layers, view.depth)
+    cache = build_cache(module, tmp_path, rows, "hidden", forward_context=bf16)
     batch = batch_of(rows, TRAINED)
     exact = loss_and_grads(module, batch)
     with bf16():
